@@ -1,0 +1,56 @@
+"""Optional NVIDIA apex kernels, with torch's native equivalents as the fallback.
+
+apex is never a dependency: on the package index ``apex`` is an unrelated web
+toolkit. When something named ``apex`` is importable but is not NVIDIA's
+(no ``apex.normalization``), we warn once and use the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _nvidia_apex_module(name: str) -> Any | None:
+    try:
+        apex = importlib.import_module("apex")
+    except ImportError:
+        return None
+    try:
+        return importlib.import_module(f"apex.{name}")
+    except ImportError:
+        log.warning(
+            "an 'apex' package is importable (%s) but it is not NVIDIA apex (no apex.%s); "
+            "using torch's native kernels",
+            getattr(apex, "__file__", "?"),
+            name,
+        )
+        return None
+
+
+def fused_rms_norm_affine() -> Callable[..., torch.Tensor] | None:
+    """apex's fused RMSNorm (``fn(x, weight, normalized_shape, eps)``) or None."""
+    if not torch.cuda.is_available():
+        return None
+    mod = _nvidia_apex_module("normalization")
+    if mod is None:
+        return None
+    fn = getattr(getattr(mod, "fused_layer_norm", None), "fused_rms_norm_affine", None)
+    return fn if callable(fn) else None
+
+
+def fused_adam_class() -> type | None:
+    """apex's ``FusedAdam`` (AdamW with ``adam_w_mode=True``) or None."""
+    if not torch.cuda.is_available():
+        return None
+    mod = _nvidia_apex_module("optimizers")
+    cls = getattr(mod, "FusedAdam", None) if mod is not None else None
+    return cls if isinstance(cls, type) else None

@@ -1,0 +1,294 @@
+"""The LLaMA model (Touvron et al., 2023) built from tensor-parallel layers.
+
+Pre-norm RMSNorm, rotary position embeddings (Meta's interleaved-pair
+convention), causal attention with heads split over tp, SwiGLU MLP, no
+biases, untied output layer. Parameter names are Meta's (``tok_embeddings``,
+``layers.N.attention.wq``, ``feed_forward.w1`` ...), with global layer
+numbers, so a pipeline stage holding layers 10..19 names them 10..19.
+
+Initialisation is layout-independent: every parameter's full tensor is drawn
+from a generator seeded by (seed, parameter name) and this rank's shard cut
+out of it, so a tp=4 model holds exactly the shards of the tp=1 model.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model_parallel.args import ModelArgs, padded_vocab_size
+from model_parallel.cross_entropy import vocab_parallel_cross_entropy
+from model_parallel.fused import fused_rms_norm_affine
+from model_parallel.groups import ProcessGroups
+from model_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    full_shape,
+    gather_full,
+    load_shard_,
+    map_column_input,
+)
+from model_parallel.mappings import Group, gather_from_tp_region, group_rank, group_size
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * w``, normalised in fp32 (Meta's numerics).
+
+    Replicated over tp. With sequence parallelism each rank sees only its
+    part of the sequence, so the weight's gradient is partial: the weight is
+    marked ``sequence_parallel=True`` and the trainer all-reduces it over tp.
+    """
+
+    def __init__(self, dim: int, eps: float, *, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight.sequence_parallel = sequence_parallel  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_rms_norm_affine() if x.is_cuda else None
+        if fused is not None:
+            return fused(x, self.weight, self.weight.shape, self.eps)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each ``(seq_len, head_dim/2)``, fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs ``(x[2i], x[2i+1])`` of ``x`` ``(B, S, h, hd)`` by position."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, h, hd/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, S, 1, hd/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with heads split over tp.
+
+    wq/wk/wv are column-parallel (rank i computes heads ``[i*h/p, (i+1)*h/p)``
+    with no communication); wo is row-parallel and sums the heads' partial
+    outputs (all-reduce, or reduce-scatter with sequence parallelism). The
+    input mapping (backward all-reduce, or sequence all-gather) runs once for
+    all three projections.
+    """
+
+    def __init__(self, args: ModelArgs, *, tp_group: Group, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
+        self.head_dim = args.head_dim
+        self.n_local_heads = args.n_heads // group_size(tp_group)
+        self.rope_theta = args.rope_theta
+        kw = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, mapped_input=True)
+        self.wq = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
+        self.wk = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
+        self.wv = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
+        self.wo = RowParallelLinear(
+            args.dim, args.dim, tp_group=tp_group, sequence_parallel=sequence_parallel
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = map_column_input(x, self.tp_group, sequence_parallel=self.sequence_parallel)
+        bsz, seq, _ = x.shape
+        shape = (bsz, seq, self.n_local_heads, self.head_dim)
+        q, k, v = self.wq(x).view(shape), self.wk(x).view(shape), self.wv(x).view(shape)
+        cos, sin = rotary_cos_sin(seq, self.head_dim, self.rope_theta, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # (B, S, h, hd) -> (B, h, S, hd) for scaled_dot_product_attention
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))  # (B, S, h*hd)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``; w1/w3 column-parallel, w2 row-parallel.
+
+    Each rank holds a slice of the hidden width, so the elementwise product
+    needs no communication; w2 sums the partial outputs.
+    """
+
+    def __init__(self, args: ModelArgs, *, tp_group: Group, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
+        kw = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, mapped_input=True)
+        self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, **kw)  # type: ignore[arg-type]
+        self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, **kw)  # type: ignore[arg-type]
+        self.w2 = RowParallelLinear(
+            args.hidden_dim, args.dim, tp_group=tp_group, sequence_parallel=sequence_parallel
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = map_column_input(x, self.tp_group, sequence_parallel=self.sequence_parallel)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """``h = x + attention(norm(x)); out = h + feed_forward(norm(h))``."""
+
+    def __init__(self, args: ModelArgs, *, tp_group: Group, sequence_parallel: bool) -> None:
+        super().__init__()
+        sp = sequence_parallel
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, sequence_parallel=sp)
+        self.attention = Attention(args, tp_group=tp_group, sequence_parallel=sp)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, sequence_parallel=sp)
+        self.feed_forward = FeedForward(args, tp_group=tp_group, sequence_parallel=sp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+class Transformer(nn.Module):
+    """LLaMA, or the part of it one pipeline stage holds.
+
+    ``layers`` selects the global layer numbers this stage holds (default:
+    all); ``pre_process`` adds the embedding (input: token ids ``(B, S)``),
+    ``post_process`` the final norm and the vocab-parallel output layer
+    (output: logits ``(B, S, V_pad/tp)``; otherwise the hidden state).
+    With sequence parallelism the hidden state between layers and stages is
+    ``(B, S/tp, H)``.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        *,
+        groups: ProcessGroups | None = None,
+        layers: range | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        sequence_parallel: bool = False,
+        activation_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        groups = groups or ProcessGroups.single()
+        self.args = args
+        self.tp_group = groups.tp_group
+        self.sequence_parallel = sequence_parallel and groups.tp_size > 1
+        self.activation_checkpointing = activation_checkpointing
+        self.padded_vocab_size = padded_vocab_size(args.vocab_size, groups.tp_size)
+        layers = range(args.n_layers) if layers is None else layers
+        sp, tp_group = self.sequence_parallel, self.tp_group
+
+        self.tok_embeddings = (
+            VocabParallelEmbedding(
+                self.padded_vocab_size,
+                args.dim,
+                tp_group=tp_group,
+                vocab_size=args.vocab_size,
+                sequence_parallel=sp,
+            )
+            if pre_process
+            else None
+        )
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(args, tp_group=tp_group, sequence_parallel=sp) for i in layers}
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps, sequence_parallel=sp) if post_process else None
+        self.output = (
+            ColumnParallelLinear(
+                args.dim,
+                self.padded_vocab_size,
+                tp_group=tp_group,
+                sequence_parallel=sp,
+                full_out_features=args.vocab_size,
+            )
+            if post_process
+            else None
+        )
+        self.init_weights(seed)
+
+    def init_weights(self, seed: int) -> None:
+        """Fill every parameter from its full tensor, drawn from (seed, name)."""
+        scaled = self.args.init_std / math.sqrt(2 * self.args.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                full = torch.ones(full_shape(param))
+            else:
+                gen = torch.Generator().manual_seed(_param_seed(seed, name))
+                # Output projections of each residual branch get the GPT-2/Megatron scaled init.
+                std = scaled if name.endswith(("wo.weight", "w2.weight")) else self.args.init_std
+                full = torch.empty(full_shape(param)).normal_(0.0, std, generator=gen)
+            self._load(param, full)
+
+    def _load(self, param: torch.Tensor, full: torch.Tensor) -> None:
+        load_shard_(
+            param,
+            full.to(param.dtype),
+            tp_rank=group_rank(self.tp_group),
+            tp_size=group_size(self.tp_group),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers.values():
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, use_reentrant=False)
+            else:
+                h = layer(h)
+        if self.norm is None or self.output is None:
+            return h
+        return self.output(self.norm(h))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy ``(B, S)`` from this rank's logits shard."""
+        return vocab_parallel_cross_entropy(
+            logits, target, tp_group=self.tp_group, vocab_size=self.args.vocab_size
+        )
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full logits ``(B, S, V)`` from this rank's shard (a tp collective)."""
+        return gather_from_tp_region(logits, self.tp_group)[..., : self.args.vocab_size]
+
+    def full_state_dict(self, *, grads: bool = False) -> dict[str, torch.Tensor]:
+        """This stage's parameters (or gradients) as full, unpadded tensors; a tp collective."""
+        out = {}
+        for name, param in self.named_parameters():
+            value = param.grad if grads else param
+            if value is None:
+                continue
+            shard = _with_attrs(value.detach(), param)
+            if grads and getattr(param, "sequence_parallel", False) and group_size(self.tp_group) > 1:
+                shard = shard.clone()
+                torch.distributed.all_reduce(shard, group=self.tp_group)
+            out[name] = gather_full(shard, self.tp_group)
+        return out
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        """Load this rank's shards from full tensors keyed by Meta's names."""
+        own = dict(self.named_parameters())
+        missing = sorted(set(own) - set(state))
+        if strict and missing:
+            raise KeyError(f"missing from the state dict: {missing[:5]}")
+        for name, param in own.items():
+            if name in state:
+                self._load(param, state[name])
+
+
+def _with_attrs(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    for attr in ("tensor_model_parallel", "partition_dim", "full_size"):
+        if hasattr(param, attr):
+            setattr(tensor, attr, getattr(param, attr))
+    return tensor
