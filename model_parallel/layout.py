@@ -83,6 +83,10 @@ class Layout:
     def mp_groups(self) -> list[list[int]]:
         """Ranks holding one full model copy between them (same dp): tp x pp."""
         return [
-            [self.rank(tp_rank=t, dp_rank=d, pp_rank=p) for p in range(self.pp) for t in range(self.tp)]
+            [
+                self.rank(tp_rank=t, dp_rank=d, pp_rank=p)
+                for p in range(self.pp)
+                for t in range(self.tp)
+            ]
             for d in range(self.dp)
         ]

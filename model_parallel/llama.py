@@ -204,7 +204,10 @@ class Transformer(nn.Module):
             else None
         )
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(args, tp_group=tp_group, sequence_parallel=sp) for i in layers}
+            {
+                str(i): TransformerBlock(args, tp_group=tp_group, sequence_parallel=sp)
+                for i in layers
+            }
         )
         self.norm = RMSNorm(args.dim, args.norm_eps, sequence_parallel=sp) if post_process else None
         self.output = (
@@ -270,7 +273,11 @@ class Transformer(nn.Module):
             if value is None:
                 continue
             shard = _with_attrs(value.detach(), param)
-            if grads and getattr(param, "sequence_parallel", False) and group_size(self.tp_group) > 1:
+            if (
+                grads
+                and getattr(param, "sequence_parallel", False)
+                and group_size(self.tp_group) > 1
+            ):
                 shard = shard.clone()
                 torch.distributed.all_reduce(shard, group=self.tp_group)
             out[name] = gather_full(shard, self.tp_group)

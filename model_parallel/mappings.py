@@ -181,7 +181,9 @@ def scatter_to_sp_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ScatterToSP.apply(x, group)
 
 
-def gather_from_sp_region(x: torch.Tensor, group: Group, *, reduce_grad: bool = True) -> torch.Tensor:
+def gather_from_sp_region(
+    x: torch.Tensor, group: Group, *, reduce_grad: bool = True
+) -> torch.Tensor:
     return x if group_size(group) == 1 else _GatherFromSP.apply(x, group, reduce_grad)
 
 

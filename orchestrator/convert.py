@@ -73,13 +73,17 @@ def _split_key(name: str) -> tuple[str | None, str]:
 def _rope_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Interleaved pairs (Meta) -> two halves per head (Hugging Face), on wq/wk rows."""
     out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return (
+        w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    )
 
 
 def _rope_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of ``_rope_to_hf``."""
     out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return (
+        w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    )
 
 
 def to_hf(state: StateDict, args: ModelArgs) -> StateDict:

@@ -16,7 +16,13 @@ import torch
 
 from model_parallel.args import ModelArgs
 from model_parallel.llama import Transformer
-from orchestrator.convert import from_hf, hf_config, load_meta_checkpoint, save_meta_checkpoint, to_hf
+from orchestrator.convert import (
+    from_hf,
+    hf_config,
+    load_meta_checkpoint,
+    save_meta_checkpoint,
+    to_hf,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,20 +77,31 @@ def test_hf_round_trip_is_exact() -> None:
         )
 
 
-def _write_meta_like_release(directory: Path, hf_state: dict[str, torch.Tensor], shards: int) -> None:
+def _write_meta_like_release(
+    directory: Path, hf_state: dict[str, torch.Tensor], shards: int
+) -> None:
     """Write Meta's layout from HF weights without using orchestrator.convert."""
     n_heads, dim = ARGS.n_heads, ARGS.dim
 
     def unpermute(w: torch.Tensor) -> torch.Tensor:  # inverse of HF's convert_llama_weights permute
         return w.view(n_heads, 2, dim // n_heads // 2, dim).transpose(1, 2).reshape(dim, dim)
 
-    names = {"model.embed_tokens.weight": ("tok_embeddings.weight", 1),
-             "model.norm.weight": ("norm.weight", None), "lm_head.weight": ("output.weight", 0)}
-    layer_names = {"self_attn.q_proj": ("attention.wq", 0), "self_attn.k_proj": ("attention.wk", 0),
-                   "self_attn.v_proj": ("attention.wv", 0), "self_attn.o_proj": ("attention.wo", 1),
-                   "mlp.gate_proj": ("feed_forward.w1", 0), "mlp.down_proj": ("feed_forward.w2", 1),
-                   "mlp.up_proj": ("feed_forward.w3", 0), "input_layernorm": ("attention_norm", None),
-                   "post_attention_layernorm": ("ffn_norm", None)}
+    names = {
+        "model.embed_tokens.weight": ("tok_embeddings.weight", 1),
+        "model.norm.weight": ("norm.weight", None),
+        "lm_head.weight": ("output.weight", 0),
+    }
+    layer_names = {
+        "self_attn.q_proj": ("attention.wq", 0),
+        "self_attn.k_proj": ("attention.wk", 0),
+        "self_attn.v_proj": ("attention.wv", 0),
+        "self_attn.o_proj": ("attention.wo", 1),
+        "mlp.gate_proj": ("feed_forward.w1", 0),
+        "mlp.down_proj": ("feed_forward.w2", 1),
+        "mlp.up_proj": ("feed_forward.w3", 0),
+        "input_layernorm": ("attention_norm", None),
+        "post_attention_layernorm": ("ffn_norm", None),
+    }
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     for key, w in hf_state.items():
         if key in names:
@@ -97,13 +114,22 @@ def _write_meta_like_release(directory: Path, hf_state: dict[str, torch.Tensor],
             if hf_name in ("self_attn.q_proj", "self_attn.k_proj"):
                 w = unpermute(w)
         parts = [w] * shards if dim_split is None else list(w.chunk(shards, dim=dim_split))
-        for shard, part in zip(out, parts):
+        for shard, part in zip(out, parts, strict=True):
             shard[meta] = part.clone()
     out[0]["rope.freqs"] = torch.zeros(dim // n_heads // 2)  # present in Meta's files, unused
     directory.mkdir()
-    (directory / "params.json").write_text(json.dumps(
-        {"dim": dim, "multiple_of": ARGS.multiple_of, "n_heads": n_heads,
-         "n_layers": ARGS.n_layers, "norm_eps": ARGS.norm_eps, "vocab_size": -1}))
+    (directory / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": dim,
+                "multiple_of": ARGS.multiple_of,
+                "n_heads": n_heads,
+                "n_layers": ARGS.n_layers,
+                "norm_eps": ARGS.norm_eps,
+                "vocab_size": -1,
+            }
+        )
+    )
     for i, shard in enumerate(out):
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")
 
@@ -115,7 +141,9 @@ def test_meta_checkpoint_matches_transformers(tmp_path: Path, shards: int) -> No
         expected = hf(_tokens()).logits
     _write_meta_like_release(tmp_path / "release", hf.state_dict(), shards)
     args, state = load_meta_checkpoint(tmp_path / "release")
-    assert dataclasses.replace(args, max_seq_len=ARGS.max_seq_len) == ARGS  # no context in params.json
+    assert (
+        dataclasses.replace(args, max_seq_len=ARGS.max_seq_len) == ARGS
+    )  # no context in params.json
     torch.testing.assert_close(_our_logits(state, args), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -123,6 +151,8 @@ def test_meta_save_load_round_trip(tmp_path: Path) -> None:
     state = Transformer(ARGS, seed=5).full_state_dict()
     save_meta_checkpoint(tmp_path / "ckpt", ARGS, state, num_shards=2)
     args, back = load_meta_checkpoint(tmp_path / "ckpt")
-    assert dataclasses.replace(args, max_seq_len=ARGS.max_seq_len) == ARGS  # no context in params.json
+    assert (
+        dataclasses.replace(args, max_seq_len=ARGS.max_seq_len) == ARGS
+    )  # no context in params.json
     for name in state:
         assert torch.equal(back[name], state[name]), name

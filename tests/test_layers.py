@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     load_shard_,
 )
-from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from tests.distributed import run_ranks
 
 WORLD_SIZES = [1, 2, 4]
@@ -46,7 +46,10 @@ def _check_column(rank: int, ws: int, *, sequence_parallel: bool, gather_output:
     yd.backward(g)
 
     layer = ColumnParallelLinear(
-        d_in, d_out, tp_group=_group(ws), gather_output=gather_output,
+        d_in,
+        d_out,
+        tp_group=_group(ws),
+        gather_output=gather_output,
         sequence_parallel=sequence_parallel,
     )
     load_shard_(layer.weight, a, tp_rank=rank, tp_size=ws)
@@ -74,7 +77,10 @@ def _check_row(rank: int, ws: int, *, sequence_parallel: bool, input_is_parallel
     yd.backward(g)
 
     layer = RowParallelLinear(
-        d_in, d_out, tp_group=_group(ws), input_is_parallel=input_is_parallel,
+        d_in,
+        d_out,
+        tp_group=_group(ws),
+        input_is_parallel=input_is_parallel,
         sequence_parallel=sequence_parallel,
     )
     load_shard_(layer.weight, a, tp_rank=rank, tp_size=ws)

@@ -38,9 +38,23 @@ def test_groups_partition_the_world(tp: int, pp: int, dp: int) -> None:
 def test_megatron_documented_example() -> None:
     # Megatron-LM's initialize_model_parallel docstring: 16 GPUs, tp=2, pp=4 (dp=2).
     layout = Layout(tp=2, pp=4, dp=2)
-    assert layout.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
+    assert layout.tp_groups() == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+        [8, 9],
+        [10, 11],
+        [12, 13],
+        [14, 15],
+    ]
     assert layout.dp_groups()[:4] == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert sorted(layout.pp_groups()) == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert sorted(layout.pp_groups()) == [
+        [0, 4, 8, 12],
+        [1, 5, 9, 13],
+        [2, 6, 10, 14],
+        [3, 7, 11, 15],
+    ]
 
 
 def test_bad_layouts() -> None:

@@ -18,16 +18,18 @@ import torch.distributed as dist
 
 from model_parallel.args import ModelArgs
 from model_parallel.groups import ProcessGroups
+from model_parallel.layers import gather_full, load_shard_
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer, TransformerBlock
-from model_parallel.layers import gather_full, load_shard_
 from tests.distributed import run_ranks
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 TINY = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64, max_seq_len=64)
 
 
-def _dense_block(x: torch.Tensor, w: dict[str, torch.Tensor], n_heads: int, eps: float) -> torch.Tensor:
+def _dense_block(
+    x: torch.Tensor, w: dict[str, torch.Tensor], n_heads: int, eps: float
+) -> torch.Tensor:
     """A LLaMA block in plain torch, following Meta's reference code."""
 
     def rms(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,9 @@ def _dense_block(x: torch.Tensor, w: dict[str, torch.Tensor], n_heads: int, eps:
     attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d)
     x = x + attn @ w["attention.wo.weight"].T
     h = rms(x, w["ffn_norm.weight"])
-    ff = torch.nn.functional.silu(h @ w["feed_forward.w1.weight"].T) * (h @ w["feed_forward.w3.weight"].T)
+    ff = torch.nn.functional.silu(h @ w["feed_forward.w1.weight"].T) * (
+        h @ w["feed_forward.w3.weight"].T
+    )
     return x + ff @ w["feed_forward.w2.weight"].T
 
 
@@ -67,8 +71,10 @@ def _block_check(rank: int, ws: int, sequence_parallel: bool) -> None:
     block = TransformerBlock(args, tp_group=groups.tp_group, sequence_parallel=sequence_parallel)
     dense_w = {}
     for name, p in block.named_parameters():
-        full = torch.randn(p.shape if not getattr(p, "tensor_model_parallel", False)
-                           else _full(p, ws), generator=gen)
+        full = torch.randn(
+            p.shape if not getattr(p, "tensor_model_parallel", False) else _full(p, ws),
+            generator=gen,
+        )
         if name.endswith("norm.weight"):
             full = 1 + 0.1 * full
         else:
@@ -125,20 +131,27 @@ def _model_check(rank: int, ws: int, sequence_parallel: bool, checkpointing: boo
 
     groups = ProcessGroups.build(Layout(tp=ws))
     model = Transformer(
-        TINY, groups=groups, seed=7, sequence_parallel=sequence_parallel,
+        TINY,
+        groups=groups,
+        seed=7,
+        sequence_parallel=sequence_parallel,
         activation_checkpointing=checkpointing,
     )
     # identical initial weights: each shard is exactly the tp=1 tensor's slice
     ref_weights = ref.full_state_dict()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(gather_full(p, groups.tp_group), ref_weights[name], rtol=0, atol=0)
+        torch.testing.assert_close(
+            gather_full(p, groups.tp_group), ref_weights[name], rtol=0, atol=0
+        )
     logits, loss = _model_run(model, tokens)
     torch.testing.assert_close(logits, ref_logits, **TOL)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     grads = model.full_state_dict(grads=True)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], **TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize(
