@@ -38,10 +38,8 @@ def _nvidia_apex_module(name: str) -> Any | None:
 
 def fused_rms_norm_affine() -> Callable[..., torch.Tensor] | None:
     """apex's fused RMSNorm (``fn(x, weight, normalized_shape, eps)``) or None."""
-    if not torch.cuda.is_available():
-        return None
     mod = _nvidia_apex_module("normalization")
-    if mod is None:
+    if mod is None or not torch.cuda.is_available():
         return None
     fn = getattr(getattr(mod, "fused_layer_norm", None), "fused_rms_norm_affine", None)
     return fn if callable(fn) else None
@@ -49,8 +47,8 @@ def fused_rms_norm_affine() -> Callable[..., torch.Tensor] | None:
 
 def fused_adam_class() -> type | None:
     """apex's ``FusedAdam`` (AdamW with ``adam_w_mode=True``) or None."""
-    if not torch.cuda.is_available():
-        return None
     mod = _nvidia_apex_module("optimizers")
-    cls = getattr(mod, "FusedAdam", None) if mod is not None else None
+    if mod is None or not torch.cuda.is_available():
+        return None
+    cls = getattr(mod, "FusedAdam", None)
     return cls if isinstance(cls, type) else None

@@ -1,0 +1,35 @@
+"""Hydra entry point: ``python launch/run.py model=13b parallel=tp8pp4 dry_run=true``.
+
+Composes ``conf/`` with the command-line overrides against the dataclass
+schema (strict: unknown keys and wrong types are errors), checks the layout and
+prints the plan. Any bad setting ends as one ``error: ...`` line on stderr and
+exit code 2. ``--cfg job`` prints the composed config; ``--help`` lists the
+config groups.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from orchestrator import cli
+from orchestrator.config import register_configs
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    code = cli.main(cfg)
+    if code != 0:
+        # SystemExit passes through Hydra, which only catches Exception.
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_entry_point(hydra_main, conf_dir=CONF_DIR))

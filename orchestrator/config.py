@@ -1,0 +1,250 @@
+"""The config schema: dataclasses registered with Hydra's ConfigStore.
+
+The dataclasses are the single schema; YAML files under ``conf/`` only set
+values. Because the primary config starts from the registered ``base_config``
+node, every YAML file and command-line override is merged into a structured
+(struct-mode) config, so an unknown or misspelled key, or a value of the wrong
+type, is a composition error rather than silently ignored.
+
+Each section checks its own fields in ``validate()`` and raises ``ValueError``
+with one line naming the field, the value and the rule. Rules that need more
+than one section (world size, divisibility by tp, layers over pp, ...) live in
+``orchestrator.plan``. Past the entry point, code receives these dataclasses
+(``OmegaConf.to_object``), never a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from model_parallel.args import ModelArgs
+
+ACTIVATION_CHECKPOINTING = ("none", "full")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LAUNCHERS = ("local",)
+
+# SLURM --time formats: "minutes", "minutes:seconds", "hours:minutes:seconds",
+# "days-hours", "days-hours:minutes", "days-hours:minutes:seconds".
+_SLURM_TIME = re.compile(r"^\d+(:\d{1,2}){0,2}$|^\d+-\d{1,2}(:\d{1,2}){0,2}$")
+
+
+def _fail(field_name: str, value: Any, rule: str) -> ValueError:
+    return ValueError(f"{field_name}={value}: {rule}")
+
+
+def _positive(field_name: str, value: Any) -> None:
+    # bool is an int subclass; a flag is never a size.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(field_name, value, "must be a positive integer")
+
+
+def _non_negative(field_name: str, value: int) -> None:
+    if value < 0:
+        raise _fail(field_name, value, "must be >= 0")
+
+
+def _positive_float(field_name: str, value: float) -> None:
+    if not value > 0:
+        raise _fail(field_name, value, "must be > 0")
+
+
+def _one_of(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _fail(field_name, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA shape. Field names follow Meta's ``params.json``."""
+
+    name: str = MISSING
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def to_args(self) -> ModelArgs:
+        return ModelArgs(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            vocab_size=self.vocab_size,
+            multiple_of=self.multiple_of,
+            ffn_dim_multiplier=self.ffn_dim_multiplier,
+            norm_eps=self.norm_eps,
+            max_seq_len=self.max_seq_len,
+            rope_theta=self.rope_theta,
+            init_std=self.init_std,
+        )
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            _positive(f"model.{name}", getattr(self, name))
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            _positive_float(f"model.{name}", getattr(self, name))
+        if self.ffn_dim_multiplier is not None:
+            _positive_float("model.ffn_dim_multiplier", self.ffn_dim_multiplier)
+        if self.dim % self.n_heads != 0:
+            raise _fail(
+                "model.dim", self.dim, f"must be divisible by model.n_heads({self.n_heads})"
+            )
+        head_dim = self.dim // self.n_heads
+        if head_dim % 2 != 0:
+            raise _fail(
+                "model.dim",
+                self.dim,
+                f"head_dim = dim / n_heads({self.n_heads}) = {head_dim} must be even for rotary",
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """Layout: tensor (tp), pipeline (pp) and data (dp) parallel sizes."""
+
+    name: str = MISSING
+    tp: int = 1
+    pp: int = 1
+    dp: int = -1  # -1: derive from the world size
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    activation_checkpointing: str = "none"
+    micro_batch_size: int = 1
+    pipeline_split: list[int] | None = None  # explicit layers per pipeline stage
+
+    def validate(self) -> None:
+        _positive("parallel.tp", self.tp)
+        _positive("parallel.pp", self.pp)
+        if self.dp != -1:
+            _positive("parallel.dp", self.dp)
+        _positive("parallel.micro_batch_size", self.micro_batch_size)
+        if not 0 <= self.zero_stage <= 3:
+            raise _fail("parallel.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.zero_stage > 1 and self.pp > 1:
+            raise _fail(
+                "parallel.zero_stage",
+                self.zero_stage,
+                f"DeepSpeed's pipeline engine supports ZeRO stage <= 1 (pp={self.pp})",
+            )
+        _one_of(
+            "parallel.activation_checkpointing",
+            self.activation_checkpointing,
+            ACTIVATION_CHECKPOINTING,
+        )
+        if self.pipeline_split is not None:
+            self._validate_split(list(self.pipeline_split))
+
+    def _validate_split(self, split: list[int]) -> None:
+        if len(split) != self.pp:
+            raise _fail(
+                "parallel.pipeline_split",
+                split,
+                f"must have one entry per stage: length {len(split)} != pp({self.pp})",
+            )
+        if any(n < 1 for n in split):
+            raise _fail("parallel.pipeline_split", split, "every stage needs >= 1 layer")
+
+
+@dataclass
+class ClusterConfig:
+    """Where a run goes. ``gpus_per_node == 0`` means CPU worker processes."""
+
+    name: str = MISSING
+    nodes: int | None = None  # None: as many nodes as the layout needs
+    gpus_per_node: int = MISSING
+    device: str = MISSING
+    device_memory_gb: float = MISSING
+    peak_tflops: float = MISSING  # bf16 dense peak per device
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str = "04:00:00"
+    cpus_per_task: int = 1
+    exclusive: bool = False
+    nccl_env: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.nodes is not None:
+            _positive("cluster.nodes", self.nodes)
+        _non_negative("cluster.gpus_per_node", self.gpus_per_node)
+        _positive_float("cluster.device_memory_gb", self.device_memory_gb)
+        _positive_float("cluster.peak_tflops", self.peak_tflops)
+        _positive("cluster.cpus_per_task", self.cpus_per_task)
+        if not _SLURM_TIME.match(self.time_limit):
+            raise _fail(
+                "cluster.time_limit",
+                self.time_limit,
+                "must be a SLURM time such as 04:00:00 or 2-00:00:00",
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule (AdamW, warmup then cosine to min_lr_ratio * lr)."""
+
+    seed: int = 1234
+    steps: int = MISSING
+    global_batch_size: int = MISSING  # sequences per optimiser step
+    lr: float = MISSING
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "bf16"
+    log_interval: int = 10
+
+    def validate(self) -> None:
+        _non_negative("train.seed", self.seed)
+        _positive("train.steps", self.steps)
+        _positive("train.global_batch_size", self.global_batch_size)
+        _positive_float("train.lr", self.lr)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise _fail("train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _non_negative("train.warmup_steps", self.warmup_steps)
+        if self.weight_decay < 0:
+            raise _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise _fail(f"train.{name}", value, "must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise _fail("train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _one_of("train.precision", self.precision, PRECISIONS)
+        _positive("train.log_interval", self.log_interval)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dry_run: bool = False
+    launcher: str = "local"
+
+    def validate(self) -> None:
+        """Each section's own rules; cross-section rules are in ``orchestrator.plan``."""
+        self.model.validate()
+        self.parallel.validate()
+        self.cluster.validate()
+        self.train.validate()
+        _one_of("launcher", self.launcher, LAUNCHERS)
+
+
+BASE_CONFIG_NAME = "base_config"
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` (first entry of conf/config.yaml's defaults)."""
+    ConfigStore.instance().store(name=BASE_CONFIG_NAME, node=Config)

@@ -1,0 +1,187 @@
+"""Layout resolution: hand-computed plans and every cross-section rule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from orchestrator.config import Config
+from orchestrator.plan import Plan, format_plan, resolve_plan, validate_config
+from tests.test_config import load
+
+
+def _padded_params_check(plan: Plan, cfg: Config) -> None:
+    """Sum over stages and tp ranks of the per-rank params = the padded model.
+
+    Norm weights are replicated on every tp rank: count them once.
+    """
+    dim, n_layers = cfg.model.dim, cfg.model.n_layers
+    replicated = (2 * n_layers + 1) * dim
+    assert plan.tp * sum(plan.stage_params_per_rank) - (plan.tp - 1) * replicated == (
+        plan.num_padded_params
+    )
+
+
+def test_13b_tp8pp4_on_local() -> None:
+    cfg = load("model=13b", "parallel=tp8pp4", "dry_run=true")
+    plan = validate_config(cfg)
+    assert (plan.world_size, plan.tp, plan.pp, plan.dp, plan.nodes) == (32, 8, 4, 1, 1)
+    assert plan.stage_layers == ((0, 9), (10, 19), (20, 29), (30, 39))
+    assert plan.padded_vocab_size == 32768
+    assert plan.num_micro_batches == plan.grad_accumulation_steps == 2048
+    # 13B: 2*V*d + l*(4d^2 + 3*d*ffn + 2d) + d
+    assert (
+        plan.num_params
+        == 2 * 32000 * 5120 + 40 * (4 * 5120**2 + 3 * 5120 * 13824 + 2 * 5120) + 5120
+    )
+    assert plan.num_params == 13_015_864_320
+    assert plan.num_padded_params == plan.num_params + 2 * 768 * 5120
+    layer = (4 * 5120**2 + 3 * 5120 * 13824) // 8 + 2 * 5120
+    embedding = 32768 * 5120 // 8
+    assert plan.stage_params_per_rank == (
+        10 * layer + embedding,
+        10 * layer,
+        10 * layer,
+        10 * layer + 5120 + embedding,
+    )
+    _padded_params_check(plan, cfg)
+
+
+def test_65b_tp8pp8_on_a100() -> None:
+    cfg = load("model=65b", "parallel=tp8pp8", "cluster=a100_80g")
+    plan = resolve_plan(cfg)
+    assert (plan.world_size, plan.nodes, plan.dp) == (64, 8, 1)
+    assert plan.stage_layers[0] == (0, 9) and plan.stage_layers[-1] == (70, 79)
+    assert plan.num_params == pytest.approx(65.3e9, rel=1e-3)
+    assert plan.num_params == 65_285_660_672
+    _padded_params_check(plan, cfg)
+
+
+def test_dp_derived_from_nodes() -> None:
+    cfg = load("model=7b", "parallel=tp2pp2", "cluster=a100_80g", "cluster.nodes=4")
+    plan = resolve_plan(cfg)
+    assert (plan.world_size, plan.dp, plan.nodes) == (32, 8, 4)
+    assert plan.num_micro_batches == 2048 // 8
+    _padded_params_check(plan, cfg)
+
+
+def test_explicit_dp_and_nodes_needed() -> None:
+    # 8 * 2 * 3 = 48 GPUs on 8-GPU nodes: 6 nodes.
+    overrides = ("parallel=tp8pp4", "parallel.pp=2", "parallel.dp=3", "cluster=a100_40g")
+    plan = resolve_plan(load("model=13b", *overrides, "train.global_batch_size=2046"))
+    assert (plan.world_size, plan.dp, plan.nodes) == (48, 3, 6)
+    assert plan.num_micro_batches == 682
+
+
+def test_explicit_pipeline_split() -> None:
+    cfg = load("parallel=tp1pp2", "parallel.pipeline_split=[1,3]")
+    plan = resolve_plan(cfg)
+    assert plan.stage_layers == ((0, 0), (1, 3))
+    _padded_params_check(plan, cfg)
+
+
+def test_tiny_single_process_and_vocab_padding() -> None:
+    plan = resolve_plan(load("parallel=tp2pp2"))
+    assert plan.padded_vocab_size == 2048  # 2000 -> multiple of 128 * 2
+    assert (plan.world_size, plan.nodes, plan.num_micro_batches) == (4, 1, 8)
+    single = resolve_plan(load())
+    assert single.stage_params_per_rank == (single.num_padded_params,)
+
+
+def test_format_plan_is_greppable() -> None:
+    cfg = load("model=13b", "parallel=tp8pp4")
+    text = format_plan(resolve_plan(cfg), cfg)
+    assert "world size: 32 = tp(8) * pp(4) * dp(1)" in text
+    assert "vocab: 32000 -> padded 32768 (multiple of 128*tp = 1024)" in text
+    assert "stage 3: layers 30-39 (10)" in text
+    assert "total params: 13,015,864,320" in text
+    assert "zero stage: 1" in text
+
+
+def _with(cfg: Config, **sections: dict[str, object]) -> Config:
+    for name, changes in sections.items():
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **changes))
+    return cfg
+
+
+BAD = [
+    # (overrides, section changes, expected message prefix)
+    (("model=7b",), {"parallel": {"tp": 3}}, "parallel.tp=3: model.n_heads(32) must be divisible"),
+    (
+        ("model=7b",),
+        {"parallel": {"tp": 0}},
+        "parallel.tp=0: must be a positive integer",
+    ),
+    (
+        (),
+        {
+            "model": {"n_heads": 4, "dim": 96, "multiple_of": 1, "ffn_dim_multiplier": 1.01},
+            "parallel": {"tp": 4},
+        },
+        "parallel.tp=4: FFN hidden width(258)",
+    ),
+    (
+        ("model=33b",),
+        {"parallel": {"tp": 4, "pp": 7}},
+        "parallel.pp=7: model.n_layers(60) must be divisible by pp",
+    ),
+    (
+        (),
+        {"parallel": {"pp": 2, "pipeline_split": [1, 2]}},
+        "parallel.pipeline_split=[1, 2]: sums to 3 != model.n_layers(4)",
+    ),
+    (
+        ("model=7b", "cluster=a100_80g"),
+        {"parallel": {"tp": 2, "pp": 2, "dp": 3}, "cluster": {"nodes": 2}},
+        "parallel: tp(2) * pp(2) * dp(3) = 12 != world_size(16) = cluster.nodes(2) "
+        "* cluster.gpus_per_node(8)",
+    ),
+    (
+        ("model=7b", "cluster=a100_80g"),
+        {"parallel": {"tp": 4, "pp": 4}, "cluster": {"nodes": 3}},
+        "parallel.dp=-1: world_size(24) = cluster.nodes(3) * cluster.gpus_per_node(8) "
+        "is not divisible by tp(4) * pp(4) = 16",
+    ),
+    (
+        ("model=7b", "cluster=a100_80g"),
+        {"parallel": {"tp": 8}, "cluster": {"gpus_per_node": 4}},
+        "parallel.tp=8: cluster.gpus_per_node(4) must be divisible by tp",
+    ),
+    (
+        (),
+        {"cluster": {"nodes": 2}},
+        "cluster.nodes=2: a CPU cluster (gpus_per_node=0) runs on one node",
+    ),
+    (
+        (),
+        {"parallel": {"dp": 3}},
+        "train.global_batch_size=8: must be divisible by parallel.micro_batch_size(1) * dp(3) = 3",
+    ),
+    (
+        (),
+        {"parallel": {"pp": 4, "micro_batch_size": 4}},
+        "train.global_batch_size=8: gives 2 micro-batches",
+    ),
+    (
+        (),
+        {"parallel": {"tp": 8, "sequence_parallel": True}, "model": {"max_seq_len": 100}},
+        "parallel.sequence_parallel=true: model.max_seq_len(100) must be divisible by tp(8)",
+    ),
+    ((), {"parallel": {"zero_stage": 3, "pp": 2}}, "parallel.zero_stage=3: DeepSpeed's pipeline"),
+    ((), {"train": {"global_batch_size": -8}}, "train.global_batch_size=-8: must be a positive"),
+    ((), {"model": {"dim": 0}}, "model.dim=0: must be a positive integer"),
+    ((), {"model": {"n_layers": 0}}, "model.n_layers=0: must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "changes", "message"), BAD)
+def test_bad_layouts(
+    overrides: tuple[str, ...], changes: dict[str, dict[str, object]], message: str
+) -> None:
+    cfg = _with(load(*overrides), **changes)
+    with pytest.raises(ValueError) as info:
+        resolve_plan(cfg)
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
