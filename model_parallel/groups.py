@@ -18,8 +18,9 @@ from model_parallel.layout import Coords, Layout
 class ProcessGroups:
     """This rank's tp/dp/pp (and model-parallel) groups and its coordinates.
 
-    A group is ``None`` when its size is 1 (or when running without
-    ``torch.distributed``); collectives over a ``None`` group are identities.
+    ``build`` creates every group, size 1 included (DeepSpeed's ``mpu`` needs
+    real groups). Without ``torch.distributed`` (``single()``) the groups are
+    ``None``; collectives over ``None`` or a group of size 1 are identities.
     """
 
     layout: Layout
@@ -54,7 +55,7 @@ class ProcessGroups:
             found: dist.ProcessGroup | None = None
             ranks_found: list[int] = []
             for ranks in all_groups:
-                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                group = dist.new_group(ranks)
                 if rank in ranks:
                     found, ranks_found = group, ranks
             return found, ranks_found

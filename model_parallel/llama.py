@@ -34,29 +34,40 @@ from model_parallel.layers import (
     load_shard_,
     map_column_input,
 )
-from model_parallel.mappings import Group, gather_from_tp_region, group_rank, group_size
+from model_parallel.mappings import (
+    Group,
+    copy_to_tp_region,
+    gather_from_tp_region,
+    group_rank,
+    group_size,
+)
 
 
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * w``, normalised in fp32 (Meta's numerics).
 
-    Replicated over tp. With sequence parallelism each rank sees only its
-    part of the sequence, so the weight's gradient is partial: the weight is
-    marked ``sequence_parallel=True`` and the trainer all-reduces it over tp.
+    Replicated over tp. With sequence parallelism each rank normalises only
+    its part of the sequence, so each rank's weight gradient is partial: the
+    weight passes through ``copy_to_tp_region`` (forward identity, backward
+    all-reduce over tp), and every tp rank ends with the full gradient.
     """
 
-    def __init__(self, dim: int, eps: float, *, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self, dim: int, eps: float, *, tp_group: Group = None, sequence_parallel: bool = False
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.tp_group = tp_group if sequence_parallel else None
         self.weight = nn.Parameter(torch.ones(dim))
         self.weight.sequence_parallel = sequence_parallel  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tp_region(self.weight, self.tp_group)
         fused = fused_rms_norm_affine() if x.is_cuda else None
         if fused is not None:
-            return fused(x, self.weight, self.weight.shape, self.eps)
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return normed.type_as(x) * self.weight
+            return fused(x, weight, weight.shape, self.eps)
+        normed = F.rms_norm(x.float(), weight.shape, eps=self.eps)
+        return normed.type_as(x) * weight
 
 
 def rotary_cos_sin(
@@ -145,9 +156,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, *, tp_group: Group, sequence_parallel: bool) -> None:
         super().__init__()
         sp = sequence_parallel
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps, sequence_parallel=sp)
+        norm = dict(tp_group=tp_group, sequence_parallel=sp)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, **norm)  # type: ignore[arg-type]
         self.attention = Attention(args, tp_group=tp_group, sequence_parallel=sp)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, sequence_parallel=sp)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, **norm)  # type: ignore[arg-type]
         self.feed_forward = FeedForward(args, tp_group=tp_group, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +169,31 @@ class TransformerBlock(nn.Module):
 
 def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def init_parameters(
+    module: nn.Module, args: ModelArgs, *, seed: int, tp_group: Group, prefix: str = ""
+) -> None:
+    """Initialise ``module``'s parameters, named ``prefix + name`` in the whole model.
+
+    Each full tensor is drawn from a generator seeded by (seed, global name)
+    and this rank's shard cut out of it, so the values depend on neither the
+    tp size nor the pipeline stage. Norm weights are ones; the output
+    projection of each residual branch (wo, w2) gets std / sqrt(2 * n_layers)
+    (GPT-2/Megatron scaled init); everything else N(0, init_std).
+    """
+    scaled = args.init_std / math.sqrt(2 * args.n_layers)
+    for local_name, param in module.named_parameters():
+        name = prefix + local_name
+        if name.endswith("norm.weight"):
+            full = torch.ones(full_shape(param))
+        else:
+            gen = torch.Generator().manual_seed(_param_seed(seed, name))
+            std = scaled if name.endswith(("wo.weight", "w2.weight")) else args.init_std
+            full = torch.empty(full_shape(param)).normal_(0.0, std, generator=gen)
+        load_shard_(
+            param, full.to(param.dtype), tp_rank=group_rank(tp_group), tp_size=group_size(tp_group)
+        )
 
 
 class Transformer(nn.Module):
@@ -209,7 +246,11 @@ class Transformer(nn.Module):
                 for i in layers
             }
         )
-        self.norm = RMSNorm(args.dim, args.norm_eps, sequence_parallel=sp) if post_process else None
+        self.norm = (
+            RMSNorm(args.dim, args.norm_eps, tp_group=tp_group, sequence_parallel=sp)
+            if post_process
+            else None
+        )
         self.output = (
             ColumnParallelLinear(
                 args.dim,
@@ -225,24 +266,7 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         """Fill every parameter from its full tensor, drawn from (seed, name)."""
-        scaled = self.args.init_std / math.sqrt(2 * self.args.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                full = torch.ones(full_shape(param))
-            else:
-                gen = torch.Generator().manual_seed(_param_seed(seed, name))
-                # Output projections of each residual branch get the GPT-2/Megatron scaled init.
-                std = scaled if name.endswith(("wo.weight", "w2.weight")) else self.args.init_std
-                full = torch.empty(full_shape(param)).normal_(0.0, std, generator=gen)
-            self._load(param, full)
-
-    def _load(self, param: torch.Tensor, full: torch.Tensor) -> None:
-        load_shard_(
-            param,
-            full.to(param.dtype),
-            tp_rank=group_rank(self.tp_group),
-            tp_size=group_size(self.tp_group),
-        )
+        init_parameters(self, self.args, seed=seed, tp_group=self.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
@@ -272,15 +296,7 @@ class Transformer(nn.Module):
             value = param.grad if grads else param
             if value is None:
                 continue
-            shard = _with_attrs(value.detach(), param)
-            if (
-                grads
-                and getattr(param, "sequence_parallel", False)
-                and group_size(self.tp_group) > 1
-            ):
-                shard = shard.clone()
-                torch.distributed.all_reduce(shard, group=self.tp_group)
-            out[name] = gather_full(shard, self.tp_group)
+            out[name] = gather_full(_with_attrs(value.detach(), param), self.tp_group)
         return out
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
@@ -291,7 +307,12 @@ class Transformer(nn.Module):
             raise KeyError(f"missing from the state dict: {missing[:5]}")
         for name, param in own.items():
             if name in state:
-                self._load(param, state[name])
+                load_shard_(
+                    param,
+                    state[name].to(param.dtype),
+                    tp_rank=group_rank(self.tp_group),
+                    tp_size=group_size(self.tp_group),
+                )
 
 
 def _with_attrs(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

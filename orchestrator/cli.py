@@ -10,9 +10,11 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.config import Config, register_configs
-from orchestrator.plan import format_plan, validate_config
+from orchestrator.config import Config, register_configs, save_config
+from orchestrator.engine import deepspeed_config
+from orchestrator.launcher import local_capacity, run_local
+from orchestrator.plan import Plan, format_plan, validate_config
 
 EXIT_BAD_CONFIG = 2
 # How Hydra names the override in its composition errors.
@@ -72,19 +76,52 @@ def compose_config(overrides: Sequence[str] = (), *, conf_dir: Path) -> Config:
 
 
 def main(cfg: DictConfig) -> int:
-    """Check one composed config and print its plan. Returns the process exit code."""
+    """Check one composed config, print its plan, and launch it unless ``dry_run``.
+
+    Returns the process exit code: 2 for a bad setting (nothing started,
+    nothing written), otherwise the launcher's.
+    """
     try:
         config = to_config(cfg)
         plan = validate_config(config)
+        deepspeed_config(config, plan)  # an extra key that conflicts fails here
+        if not config.dry_run:
+            _check_fits_locally(config, plan)
     except (ValueError, OmegaConfBaseException) as exc:
         _print_error(describe_error(exc))
         return EXIT_BAD_CONFIG
     print(format_plan(plan, config))
     if config.dry_run:
         print("dry run: config and layout are valid; nothing launched")
-    else:
-        print("launching is not implemented yet (the training issue adds it); nothing launched")
-    return 0
+        return 0
+    run_dir = prepare_run_dir(config, plan)
+    print(f"run directory: {run_dir}", flush=True)
+    return run_local(run_dir, plan.world_size)
+
+
+def _check_fits_locally(config: Config, plan: Plan) -> None:
+    capacity, what = local_capacity(config.cluster.max_local_procs)
+    if plan.world_size > capacity:
+        raise ValueError(
+            f"launcher=local: the layout needs {plan.world_size} processes "
+            f"(tp({plan.tp}) * pp({plan.pp}) * dp({plan.dp})) but {what} allow {capacity}; "
+            "use a smaller layout, or dry_run=true to only check it"
+        )
+
+
+def prepare_run_dir(config: Config, plan: Plan) -> Path:
+    """Create the run directory and write the resolved config and DeepSpeed JSON into it."""
+    if config.run.dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        config.run.dir = str(
+            Path(config.run.root) / f"{config.model.name}-{config.parallel.name}-{stamp}"
+        )
+    run_dir = Path(config.run.dir).resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    config.run.dir = str(run_dir)
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "deepspeed.json").write_text(json.dumps(deepspeed_config(config, plan), indent=2))
+    return run_dir
 
 
 def run_entry_point(hydra_main: Callable[[], Any], *, conf_dir: Path) -> int:

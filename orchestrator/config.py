@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from model_parallel.args import ModelArgs
 
 ACTIVATION_CHECKPOINTING = ("none", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("local",)
+DATA_KINDS = ("synthetic",)
 
 # SLURM --time formats: "minutes", "minutes:seconds", "hours:minutes:seconds",
 # "days-hours", "days-hours:minutes", "days-hours:minutes:seconds".
@@ -171,6 +173,9 @@ class ClusterConfig:
     cpus_per_task: int = 1
     exclusive: bool = False
     nccl_env: dict[str, str] = field(default_factory=dict)
+    # The most worker processes launcher=local starts on one CPU machine (on a
+    # GPU machine the limit is the number of GPUs).
+    max_local_procs: int = 8
 
     def validate(self) -> None:
         if self.nodes is not None:
@@ -179,6 +184,7 @@ class ClusterConfig:
         _positive_float("cluster.device_memory_gb", self.device_memory_gb)
         _positive_float("cluster.peak_tflops", self.peak_tflops)
         _positive("cluster.cpus_per_task", self.cpus_per_task)
+        _positive("cluster.max_local_procs", self.max_local_procs)
         if not _SLURM_TIME.match(self.time_limit):
             raise _fail(
                 "cluster.time_limit",
@@ -203,6 +209,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "bf16"
     log_interval: int = 10
+    seq_len: int | None = None  # tokens per training sequence; None: model.max_seq_len
 
     def validate(self) -> None:
         _non_negative("train.seed", self.seed)
@@ -222,6 +229,40 @@ class TrainConfig:
             raise _fail("train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _one_of("train.precision", self.precision, PRECISIONS)
         _positive("train.log_interval", self.log_interval)
+        if self.seq_len is not None:
+            _positive("train.seq_len", self.seq_len)
+
+
+@dataclass
+class DataConfig:
+    """Where training batches come from. ``synthetic``: seeded random tokens."""
+
+    kind: str = "synthetic"
+    # synthetic: number of distinct samples before the stream repeats (0: never).
+    num_samples: int = 0
+
+    def validate(self) -> None:
+        _one_of("data.kind", self.kind, DATA_KINDS)
+        _non_negative("data.num_samples", self.num_samples)
+
+
+@dataclass
+class RunConfig:
+    """The run directory: resolved config, metrics, per-rank logs (later: checkpoints)."""
+
+    dir: str | None = None  # None: runs/<model>-<parallel>-<timestamp>
+    root: str = "runs"
+
+
+@dataclass
+class DeepSpeedSection:
+    """Extra DeepSpeed config keys, merged into the JSON built from this config.
+
+    A key the config already sets (batch sizes, precision, ZeRO stage,
+    clipping) may only repeat the same value; anything else is an error.
+    """
+
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -230,6 +271,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     dry_run: bool = False
     launcher: str = "local"
 
@@ -239,6 +283,7 @@ class Config:
         self.parallel.validate()
         self.cluster.validate()
         self.train.validate()
+        self.data.validate()
         _one_of("launcher", self.launcher, LAUNCHERS)
 
 
@@ -248,3 +293,16 @@ BASE_CONFIG_NAME = "base_config"
 def register_configs() -> None:
     """Register the schema as ``base_config`` (first entry of conf/config.yaml's defaults)."""
     ConfigStore.instance().store(name=BASE_CONFIG_NAME, node=Config)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (what every rank of the run reads)."""
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def load_config(path: Path) -> Config:
+    """Read a config written by ``save_config``, strictly, back into dataclasses."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, Config)
+    return config

@@ -31,6 +31,7 @@ class Plan:
     micro_batch_size: int
     global_batch_size: int
     num_micro_batches: int  # per optimiser step, per dp rank
+    seq_len: int  # tokens per training sequence
     padded_vocab_size: int
     stage_layers: tuple[tuple[int, int], ...]  # (first, last) layer of each pp stage
     num_params: int  # unpadded model, as ModelArgs.num_params()
@@ -48,6 +49,7 @@ def resolve_plan(cfg: Config) -> Plan:
     par = cfg.parallel
     args = cfg.model.to_args()
     _check_tensor_parallel(cfg, args)
+    seq_len = _check_training(cfg, args)
     stage_layers = _split_layers(args.n_layers, par)
     world_size, dp, nodes = _resolve_world(par, cfg.cluster)
     num_micro_batches = _num_micro_batches(cfg.train.global_batch_size, par, dp)
@@ -62,6 +64,7 @@ def resolve_plan(cfg: Config) -> Plan:
         micro_batch_size=par.micro_batch_size,
         global_batch_size=cfg.train.global_batch_size,
         num_micro_batches=num_micro_batches,
+        seq_len=seq_len,
         padded_vocab_size=vocab,
         stage_layers=stage_layers,
         num_params=args.num_params(),
@@ -101,6 +104,26 @@ def _check_tensor_parallel(cfg: Config, args: ModelArgs) -> None:
             f"parallel.sequence_parallel=true: model.max_seq_len({args.max_seq_len}) "
             f"must be divisible by tp({tp})"
         )
+
+
+def _check_training(cfg: Config, args: ModelArgs) -> int:
+    """Rules between train, model and parallel; returns the training sequence length."""
+    seq_len = cfg.train.seq_len or args.max_seq_len
+    if seq_len > args.max_seq_len:
+        raise ValueError(
+            f"train.seq_len={seq_len}: must be <= model.max_seq_len({args.max_seq_len})"
+        )
+    tp = cfg.parallel.tp
+    if cfg.parallel.sequence_parallel and seq_len % tp != 0:
+        raise ValueError(
+            f"parallel.sequence_parallel=true: train.seq_len({seq_len}) must be divisible by tp({tp})"
+        )
+    if cfg.train.precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
+        raise ValueError(
+            "train.precision=bf16: needs parallel.zero_stage >= 1 "
+            "(DeepSpeed's ZeRO-0 keeps bf16 gradients and drifts)"
+        )
+    return seq_len
 
 
 def _split_layers(n_layers: int, par: ParallelConfig) -> tuple[tuple[int, int], ...]:

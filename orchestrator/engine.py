@@ -1,0 +1,197 @@
+"""DeepSpeed glue: the JSON config (a pure function of our config), the ``mpu``
+adapter over our process groups, the optimiser and ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model_parallel.fused import fused_adam_class
+from model_parallel.groups import ProcessGroups
+from orchestrator.config import Config
+from orchestrator.plan import Plan
+from orchestrator.schedule import lr_at
+
+# A silent engine: our own logger prints progress lines.
+_STEPS_PER_PRINT = 2**31 - 1
+
+
+def deepspeed_config(cfg: Config, plan: Plan, *, on_gpu: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg``, with ``cfg.deepspeed.extra`` merged in.
+
+    An extra key that contradicts a value set here raises ``ValueError``.
+    """
+    train = cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.num_micro_batches,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {
+            "stage": plan.zero_stage,
+            "overlap_comm": on_gpu and plan.zero_stage > 0,
+            "contiguous_gradients": True,
+        },
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": _STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if plan.pp > 1:
+        # With sequence parallelism each tp rank holds a different slice of the
+        # activation, so DeepSpeed must not split-and-regather it over tp.
+        partitioned = not cfg.parallel.sequence_parallel
+        ds["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
+    return _merge_extra(ds, cfg.deepspeed.extra)
+
+
+def _merge_extra(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        name = f"{prefix}{key}"
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge_extra(out[key], value, prefix=f"{name}.")
+        elif out[key] != value:
+            raise ValueError(
+                f"deepspeed.extra.{name}={value}: conflicts with {out[key]} set from the config "
+                "(change the config field instead)"
+            )
+    return out
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object DeepSpeed asks for, answering from our ``ProcessGroups``.
+
+    "Model parallel" in DeepSpeed's ZeRO means tensor parallel: ZeRO shards
+    over the dp group only, and gradient norms count tp-sharded parameters
+    (``tensor_model_parallel=True``) once per tp rank.
+    """
+
+    def __init__(self, groups: ProcessGroups) -> None:
+        self.groups = groups
+
+    def get_model_parallel_rank(self) -> int:
+        return self.groups.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.groups.tp_size
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.groups.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.groups.rank - self.groups.tp_rank
+
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.dp_size
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.groups.dp_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        coords = self.groups.coords
+        layout = self.groups.layout
+        return [
+            layout.rank(tp_rank=coords.tp_rank, dp_rank=d, pp_rank=coords.pp_rank)
+            for d in range(layout.dp)
+        ]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices (linear and embedding weights), none on norms."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with the paper's betas; apex FusedAdam or torch's fused AdamW on GPU."""
+    train = cfg.train
+    groups = param_groups(model, train.weight_decay)
+    betas = (train.beta1, train.beta2)
+    on_gpu = next(model.parameters()).is_cuda
+    apex_adam = fused_adam_class() if on_gpu else None
+    if apex_adam is not None:
+        optimizer: torch.optim.Optimizer = apex_adam(
+            groups, lr=train.lr, betas=betas, adam_w_mode=True
+        )
+        return optimizer
+    return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=1e-8, fused=on_gpu or None)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Config
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine (``orchestrator.schedule``) as a multiplier of the peak lr."""
+    train = cfg.train
+    factor = functools.partial(
+        _lr_factor,
+        warmup_steps=train.warmup_steps,
+        total_steps=train.steps,
+        min_ratio=train.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    return lr_at(
+        step, peak=1.0, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio
+    )
+
+
+def init_deepspeed_comm() -> None:
+    """Point deepspeed.comm at the torch process group we already initialised."""
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False
+    )
+
+
+def initialize(
+    model: nn.Module, cfg: Config, plan: Plan, groups: ProcessGroups, *, on_gpu: bool
+) -> Any:
+    """``deepspeed.initialize`` with our optimiser, schedule and ``mpu``; returns the engine."""
+    import deepspeed  # deferred: importing deepspeed is slow and prints
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    ds_config = deepspeed_config(cfg, plan, on_gpu=on_gpu)
+    # The pipeline engine takes the grid of the PipelineModule as its mpu.
+    mpu = None if plan.pp > 1 else DeepSpeedMPU(groups)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        mpu=mpu,
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,141 @@
+"""``launcher=local``: the world size of worker processes on this machine.
+
+Each worker is ``python -m orchestrator.worker RUN_DIR`` with torchrun-style
+variables. Its output goes to ``RUN_DIR/logs/rank_N.log``; rank 0's is also
+streamed to our stdout. As soon as any worker fails (an exception, or killed
+by a signal) the others are stopped and we exit non-zero naming the rank and
+its last error line: a dead peer never leaves the job hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from orchestrator.dist_env import child_env
+
+_POLL_S = 0.2
+_GRACE_S = 5.0
+
+
+def local_capacity(max_local_procs: int) -> tuple[int, str]:
+    """How many workers this machine can start, and what limits it."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPUs on this machine"
+    return max_local_procs, "cluster.max_local_procs (CPU worker processes)"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pump(stream: IO[bytes], log_path: Path, echo: IO[str] | None) -> None:
+    with log_path.open("wb") as log:
+        for line in iter(stream.readline, b""):
+            log.write(line)
+            log.flush()
+            if echo is not None:
+                echo.write(line.decode(errors="replace"))
+                echo.flush()
+
+
+def _last_error(log_path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "(no log)"
+    lines = [ln for ln in lines if ln]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line
+    return lines[-1] if lines else "(empty log)"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + _GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def run_local(run_dir: Path, world_size: int) -> int:
+    """Start ``world_size`` workers on ``run_dir``; return 0 when all succeed, else 1."""
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    pumps: list[threading.Thread] = []
+    try:
+        for rank in range(world_size):
+            env = child_env(os.environ, rank=rank, world_size=world_size, port=port)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.worker", str(run_dir)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: we can stop all it started
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            pump = threading.Thread(
+                target=_pump,
+                args=(proc.stdout, log_dir / f"rank_{rank}.log", sys.stdout if rank == 0 else None),
+                daemon=True,
+            )
+            pump.start()
+            pumps.append(pump)
+        return _watch(procs, pumps, log_dir)
+    except BaseException:
+        _stop(procs)
+        raise
+
+
+def _watch(
+    procs: Sequence[subprocess.Popen[bytes]], pumps: Sequence[threading.Thread], log_dir: Path
+) -> int:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            _stop(procs)
+            for pump in pumps:
+                pump.join(timeout=2)
+            rank, code = failed[0]
+            log_path = log_dir / f"rank_{rank}.log"
+            print(
+                f"error: rank {rank} failed ({_describe_exit(code)}): {_last_error(log_path)}"
+                f" -- see {log_path}",
+                file=sys.stderr,
+            )
+            return 1
+        if all(code == 0 for code in codes):
+            for pump in pumps:
+                pump.join(timeout=2)
+            return 0
+        time.sleep(_POLL_S)

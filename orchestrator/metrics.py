@@ -1,0 +1,48 @@
+"""Progress lines and ``metrics.jsonl`` (written by one rank)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+
+@dataclass
+class StepMetrics:
+    step: int  # optimiser steps completed
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens_per_s: float
+    consumed_tokens: int
+    step_time_s: float
+
+
+def progress_line(m: StepMetrics, *, total_steps: int) -> str:
+    """One greppable line per logging interval."""
+    grad_norm = "n/a" if m.grad_norm is None else f"{m.grad_norm:.4f}"
+    return (
+        f"step {m.step}/{total_steps} | loss {m.loss:.4f} | lr {m.lr:.3e} | "
+        f"grad_norm {grad_norm} | tokens/s {m.tokens_per_s:,.0f} | "
+        f"consumed_tokens {m.consumed_tokens:,} | step_time {m.step_time_s:.3f}s"
+    )
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: IO[str] = path.open("a", encoding="utf-8")
+
+    def write(self, m: StepMetrics) -> None:
+        self._file.write(json.dumps(asdict(m)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The records of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

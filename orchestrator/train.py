@@ -1,0 +1,155 @@
+"""The training loop, one process per rank, top to bottom:
+
+init distributed -> layout and groups -> data -> model -> DeepSpeed engine -> loop.
+
+Rank 0 prints one progress line per logging interval and writes
+``metrics.jsonl``; the loss it reports is the global-batch mean (DeepSpeed's
+pipeline engine brings it from the last stage; without a pipeline we average
+over micro-batches and dp ranks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model_parallel.groups import ProcessGroups
+from model_parallel.layout import Layout
+from model_parallel.llama import Transformer
+from model_parallel.pipeline import LlamaPipeline
+from orchestrator import engine as ds_engine
+from orchestrator.config import Config
+from orchestrator.data import Batch, MicroBatchSource
+from orchestrator.data.synthetic import SyntheticData
+from orchestrator.dist_env import init_process_group, read_env
+from orchestrator.metrics import MetricsWriter, StepMetrics, progress_line
+from orchestrator.plan import Plan, resolve_plan
+
+log = logging.getLogger("orchestrator.train")
+
+
+def train(cfg: Config, run_dir: Path) -> None:
+    env = read_env()
+    device = init_process_group(env)
+    ds_engine.init_deepspeed_comm()
+    _setup_logging(env.rank)
+    plan = resolve_plan(cfg)
+    groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
+    torch.manual_seed(cfg.train.seed)
+
+    data = build_data(cfg, plan, groups)
+    model = build_model(cfg, plan, groups).to(device)
+    engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if env.rank == 0 else None
+    if env.rank == 0:
+        log.info("run directory: %s", run_dir)
+
+    batches = iter(data)
+    tokens_per_step = plan.global_batch_size * plan.seq_len
+    for step in range(cfg.train.steps):
+        start = time.perf_counter()
+        lr = engine.get_lr()[0]
+        if plan.pp > 1:
+            loss = float(engine.train_batch(data_iter=batches))
+        else:
+            loss = _data_parallel_step(engine, model, batches, plan, groups)
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - start
+        done = step + 1
+        if writer is not None and (done % cfg.train.log_interval == 0 or done == cfg.train.steps):
+            metrics = StepMetrics(
+                step=done,
+                loss=loss,
+                lr=lr,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                tokens_per_s=tokens_per_step / elapsed,
+                consumed_tokens=done * tokens_per_step,
+                step_time_s=elapsed,
+            )
+            writer.write(metrics)
+            log.info(progress_line(metrics, total_steps=cfg.train.steps))
+
+    if writer is not None:
+        writer.close()
+    _shutdown(engine)
+
+
+def build_data(cfg: Config, plan: Plan, groups: ProcessGroups) -> MicroBatchSource:
+    """This dp rank's micro-batches (the data issue adds real sources here)."""
+    return SyntheticData(
+        vocab_size=cfg.model.vocab_size,
+        seq_len=plan.seq_len,
+        global_batch=plan.global_batch_size,
+        micro_batch=plan.micro_batch_size,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+        seed=cfg.train.seed,
+        num_samples=cfg.data.num_samples,
+    )
+
+
+def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Module:
+    """The whole model (pp = 1) or this rank's pipeline stage (pp > 1)."""
+    args = cfg.model.to_args()
+    checkpointing = cfg.parallel.activation_checkpointing == "full"
+    if plan.pp > 1:
+        return LlamaPipeline(
+            args,
+            groups=groups,
+            stage_layers=plan.stage_layers,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            activation_checkpointing=checkpointing,
+            seed=cfg.train.seed,
+        )
+    return Transformer(
+        args,
+        groups=groups,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        activation_checkpointing=checkpointing,
+        seed=cfg.train.seed,
+    )
+
+
+def _data_parallel_step(
+    engine: Any, model: Any, batches: Iterator[Batch], plan: Plan, groups: ProcessGroups
+) -> float:
+    """One optimiser step as ``num_micro_batches`` forward/backward passes; the mean loss."""
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    for _ in range(plan.num_micro_batches):
+        inputs, labels = next(batches)
+        logits = engine(inputs.to(device))
+        loss = model.loss(logits, labels.to(device)).mean()
+        engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
+        engine.step()  # updates the weights at the last micro-batch only
+        total += loss.detach().float()
+    mean = total / plan.num_micro_batches
+    if groups.dp_size > 1:
+        dist.all_reduce(mean, group=groups.dp_group)
+        mean /= groups.dp_size
+    return float(mean)
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _shutdown(engine: Any) -> None:
+    """ZeRO-3 can abort at exit unless the engine is destroyed before the process group."""
+    destroy = getattr(engine, "destroy", None)
+    if callable(destroy):
+        destroy()
+    dist.barrier()
+    dist.destroy_process_group()
