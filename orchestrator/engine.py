@@ -13,6 +13,7 @@ from torch import nn
 
 from model_parallel.fused import fused_adam_class
 from model_parallel.groups import ProcessGroups
+from model_parallel.layers import is_sharded
 from orchestrator.config import Config
 from orchestrator.plan import Plan
 from orchestrator.schedule import lr_at
@@ -46,6 +47,9 @@ def deepspeed_config(cfg: Config, plan: Plan, *, on_gpu: bool = False) -> dict[s
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
+        # Megatron's practice: accumulate gradients over micro-batches in fp32,
+        # not in bf16 (a step of a large run sums thousands of micro-batches).
+        "data_types": {"grad_accum_dtype": "fp32" if train.precision == "bf16" else None},
         "steps_per_print": _STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
@@ -164,6 +168,22 @@ def _lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: flo
     return lr_at(
         step, peak=1.0, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio
     )
+
+
+def grad_norm(model: nn.Module, groups: ProcessGroups) -> float:
+    """Global L2 norm of the gradients held by this model-parallel (tp) group.
+
+    tp-sharded gradients count on every tp rank, replicated ones on tp rank 0
+    only. Used where DeepSpeed reports none (ZeRO-0 in fp32); gradients must
+    already be reduced over dp.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    for param in model.parameters():
+        if param.grad is not None and (is_sharded(param) or groups.tp_rank == 0):
+            total += param.grad.detach().float().pow(2).sum()
+    if groups.tp_size > 1:
+        dist.all_reduce(total, group=groups.tp_group)
+    return float(total.sqrt())
 
 
 def init_deepspeed_comm() -> None:

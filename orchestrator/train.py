@@ -57,9 +57,9 @@ def train(cfg: Config, run_dir: Path) -> None:
         lr = engine.get_lr()[0]
         if plan.pp > 1:
             loss = float(engine.train_batch(data_iter=batches))
+            grad_norm = engine.get_global_grad_norm()
         else:
-            loss = _data_parallel_step(engine, model, batches, plan, groups)
-        grad_norm = engine.get_global_grad_norm()
+            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups)
         elapsed = time.perf_counter() - start
         done = step + 1
         if writer is not None and (done % cfg.train.log_interval == 0 or done == cfg.train.steps):
@@ -118,22 +118,31 @@ def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Modu
 
 def _data_parallel_step(
     engine: Any, model: Any, batches: Iterator[Batch], plan: Plan, groups: ProcessGroups
-) -> float:
-    """One optimiser step as ``num_micro_batches`` forward/backward passes; the mean loss."""
+) -> tuple[float, float | None]:
+    """One optimiser step as ``num_micro_batches`` forward/backward passes.
+
+    Returns the mean loss over the global batch and the gradient norm.
+    """
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
-    for _ in range(plan.num_micro_batches):
+    norm: float | None = None
+    for micro in range(plan.num_micro_batches):
         inputs, labels = next(batches)
         logits = engine(inputs.to(device))
         loss = model.loss(logits, labels.to(device)).mean()
         engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
+        if micro == plan.num_micro_batches - 1 and plan.zero_stage == 0:
+            # DeepSpeed keeps no norm at ZeRO-0: take it before the step clips.
+            norm = ds_engine.grad_norm(model, groups)
         engine.step()  # updates the weights at the last micro-batch only
         total += loss.detach().float()
+    if norm is None:
+        norm = engine.get_global_grad_norm()
     mean = total / plan.num_micro_batches
     if groups.dp_size > 1:
         dist.all_reduce(mean, group=groups.dp_group)
         mean /= groups.dp_size
-    return float(mean)
+    return float(mean), None if norm is None else float(norm)
 
 
 def _setup_logging(rank: int) -> None:
