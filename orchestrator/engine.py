@@ -47,12 +47,13 @@ def deepspeed_config(cfg: Config, plan: Plan, *, on_gpu: bool = False) -> dict[s
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
-        # Megatron's practice: accumulate gradients over micro-batches in fp32,
-        # not in bf16 (a step of a large run sums thousands of micro-batches).
-        "data_types": {"grad_accum_dtype": "fp32" if train.precision == "bf16" else None},
         "steps_per_print": _STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
+    if train.precision == "bf16":
+        # Megatron's practice: accumulate gradients over micro-batches in fp32,
+        # not in bf16 (a step of a large run sums thousands of micro-batches).
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if plan.pp > 1:
         # With sequence parallelism each tp rank holds a different slice of the
         # activation, so DeepSpeed must not split-and-regather it over tp.

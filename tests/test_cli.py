@@ -73,6 +73,10 @@ def test_cfg_job_prints_the_composed_config() -> None:
 )
 def test_bad_setting_is_one_line_and_exit_2(args: tuple[str, ...], expected: str) -> None:
     result = run(*args)
+    _assert_one_line_error(result, expected)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -123,6 +127,27 @@ def test_main_prints_plan_or_one_error(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_main_without_dry_run_launches_nothing(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(OmegaConf.structured(load())) == 0
-    assert "not implemented yet" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("model=13b", "parallel=tp8pp4"),
+            "error: launcher=local: the layout needs 32 processes (tp(8) * pp(4) * dp(1))",
+        ),
+        (
+            ("parallel=tp1pp2", "train.global_batch_size=1"),
+            "error: train.global_batch_size=1: gives 1 micro-batches",
+        ),
+        (
+            ("+deepspeed.extra.gradient_clipping=0.5",),
+            "error: deepspeed.extra.gradient_clipping=0.5: conflicts with 1.0",
+        ),
+    ],
+)
+def test_bad_launch_stops_before_any_worker(
+    args: tuple[str, ...], expected: str, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    result = run(*args, f"run.dir={run_dir}")
+    _assert_one_line_error(result, expected)
+    assert not run_dir.exists()  # nothing written, nothing started

@@ -85,7 +85,7 @@ def test_layout_invariance(layout: str, reference: list[dict[str, float]], tmp_p
     loss_diff = _max_rel(got, reference, "loss")
     norm_diff = _max_rel(got, reference, "grad_norm")
     print(f"{layout}: max relative difference loss {loss_diff:.2e}, grad_norm {norm_diff:.2e}")
-    assert loss_diff <= RTOL, [(m["loss"], r["loss"]) for m, r in zip(got, reference)]
+    assert loss_diff <= RTOL, [(m["loss"], r["loss"]) for m, r in zip(got, reference, strict=True)]
     assert norm_diff <= RTOL
 
 
