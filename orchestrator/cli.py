@@ -101,6 +101,10 @@ def main(cfg: DictConfig) -> int:
 
 def _check_fits_locally(config: Config, plan: Plan) -> None:
     capacity, what = local_capacity(config.cluster.max_local_procs)
+    if config.train.precision == "fp16" and "GPU" not in what:
+        raise ValueError(
+            "train.precision=fp16: needs GPUs (loss scaling is a GPU path); use bf16 or fp32 on CPU"
+        )
     if plan.world_size > capacity:
         raise ValueError(
             f"launcher=local: the layout needs {plan.world_size} processes "

@@ -138,6 +138,7 @@ def test_main_prints_plan_or_one_error(capsys: pytest.CaptureFixture[str]) -> No
             ("parallel=tp1pp2", "train.global_batch_size=1"),
             "error: train.global_batch_size=1: gives 1 micro-batches",
         ),
+        (("train.precision=fp16",), "error: train.precision=fp16: needs GPUs"),
         (
             ("+deepspeed.extra.gradient_clipping=0.5",),
             "error: deepspeed.extra.gradient_clipping=0.5: conflicts with 1.0",
