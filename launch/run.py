@@ -12,11 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+# This checkout's packages, whatever is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator import cli
-from orchestrator.config import register_configs
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from orchestrator import cli  # noqa: E402
+from orchestrator.config import register_configs  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -24,6 +24,7 @@ import torch
 
 from orchestrator.dist_env import child_env
 
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 _POLL_S = 0.2
 _GRACE_S = 5.0
 
@@ -92,6 +93,10 @@ def run_local(run_dir: Path, world_size: int) -> int:
     try:
         for rank in range(world_size):
             env = child_env(os.environ, rank=rank, world_size=world_size, port=port)
+            # Workers import the same checkout as this process, wherever they start.
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")])
+            )
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
             proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.worker", str(run_dir)],
