@@ -93,3 +93,11 @@ def vocab_parallel_cross_entropy(
     ``vocab_size`` is the real vocabulary (columns past it are tp padding).
     """
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size, ignore_index)
+
+
+def masked_mean(
+    per_token: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean loss over the tokens that carry one (``target != ignore_index``)."""
+    count = (target != ignore_index).sum().clamp(min=1)
+    return per_token.sum() / count

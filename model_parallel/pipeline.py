@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model_parallel.args import ModelArgs, padded_vocab_size
-from model_parallel.cross_entropy import vocab_parallel_cross_entropy
+from model_parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from model_parallel.groups import ProcessGroups
 from model_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from model_parallel.llama import RMSNorm, TransformerBlock, init_parameters
@@ -99,7 +99,7 @@ class HeadPipe(nn.Module):
 
 
 class PipelineLoss:
-    """Mean vocab-parallel cross entropy of one micro-batch (runs on the last stage)."""
+    """Mean vocab-parallel cross entropy over the labelled tokens of one micro-batch (last stage)."""
 
     def __init__(self, *, tp_group: Group, vocab_size: int) -> None:
         self.tp_group = tp_group
@@ -109,7 +109,7 @@ class PipelineLoss:
         loss = vocab_parallel_cross_entropy(
             logits, labels, tp_group=self.tp_group, vocab_size=self.vocab_size
         )
-        return loss.mean()
+        return masked_mean(loss, labels)
 
 
 def stage_boundaries(stage_layers: Sequence[tuple[int, int]]) -> list[int]:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.config import Config, register_configs, save_config
+from orchestrator.data.build import resolve_paths
 from orchestrator.engine import deepspeed_config
 from orchestrator.launcher import local_capacity, run_local
 from orchestrator.plan import Plan, format_plan, validate_config
@@ -38,6 +39,9 @@ _APPEND_HINT = re.compile(r"^To append to your config use \+(\S+)", re.MULTILINE
 def to_config(cfg: DictConfig) -> Config:
     """The typed config; library code past the entry point only sees this."""
     _reject_unknown_keys(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{missing[0]}=???: must be set (add {missing[0]}=... to the command)")
     config = OmegaConf.to_object(cfg)
     if not isinstance(config, Config):
         raise TypeError(f"expected the structured Config schema, got {type(config).__name__}")
@@ -85,6 +89,7 @@ def main(cfg: DictConfig) -> int:
         config = to_config(cfg)
         plan = validate_config(config)
         deepspeed_config(config, plan)  # an extra key that conflicts fails here
+        resolve_paths(config)  # data files exist; model and tokenizer vocabularies agree
         if not config.dry_run:
             _check_fits_locally(config, plan)
     except (ValueError, OmegaConfBaseException) as exc:

@@ -28,7 +28,7 @@ from model_parallel.args import ModelArgs
 ACTIVATION_CHECKPOINTING = ("none", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("local",)
-DATA_KINDS = ("synthetic",)
+DATA_KINDS = ("synthetic", "blended", "alpaca")
 
 # SLURM --time formats: "minutes", "minutes:seconds", "hours:minutes:seconds",
 # "days-hours", "days-hours:minutes", "days-hours:minutes:seconds".
@@ -210,6 +210,8 @@ class TrainConfig:
     precision: str = "bf16"
     log_interval: int = 10
     seq_len: int | None = None  # tokens per training sequence; None: model.max_seq_len
+    eval_interval: int = 0  # validation loss every N steps (and at step 0); 0: never
+    eval_iters: int = 1  # global batches of validation data per evaluation
 
     def validate(self) -> None:
         _non_negative("train.seed", self.seed)
@@ -231,19 +233,62 @@ class TrainConfig:
         _positive("train.log_interval", self.log_interval)
         if self.seq_len is not None:
             _positive("train.seq_len", self.seq_len)
+        _non_negative("train.eval_interval", self.eval_interval)
+        _positive("train.eval_iters", self.eval_iters)
+
+
+@dataclass
+class DataSourceConfig:
+    """One indexed shard (``PREFIX.bin`` + ``PREFIX.idx``) of a blend, with its weight."""
+
+    name: str = MISSING
+    prefix: str = MISSING  # relative to data.root unless absolute
+    weight: float = MISSING
 
 
 @dataclass
 class DataConfig:
-    """Where training batches come from. ``synthetic``: seeded random tokens."""
+    """Where training batches come from.
 
+    ``synthetic``: seeded random tokens. ``blended``: indexed shards blended
+    by weight, each split into train and validation documents. ``alpaca``:
+    instruction records (``alpaca_path``) with the loss on the responses.
+    """
+
+    name: str = "synthetic"
     kind: str = "synthetic"
-    # synthetic: number of distinct samples before the stream repeats (0: never).
-    num_samples: int = 0
+    root: str = "."  # directory the sources' prefixes are relative to
+    tokenizer: str | None = None  # SentencePiece .model
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    valid_fraction: float = 0.01  # documents held out per source
+    split_seed: int = 1234  # the train/validation split does not move with train.seed
+    num_samples: int = 0  # synthetic: distinct samples before repeating (0: never)
+    alpaca_path: str | None = None
+    packing: bool = False  # alpaca: pack examples back to back instead of padding
 
     def validate(self) -> None:
         _one_of("data.kind", self.kind, DATA_KINDS)
         _non_negative("data.num_samples", self.num_samples)
+        if not 0 <= self.valid_fraction < 1:
+            raise _fail("data.valid_fraction", self.valid_fraction, "must be in [0, 1)")
+        if self.kind in ("blended", "alpaca") and not self.tokenizer:
+            raise _fail(
+                "data.tokenizer",
+                self.tokenizer,
+                f"data.kind={self.kind} needs a SentencePiece model (data.tokenizer=PATH)",
+            )
+        if self.kind == "blended":
+            if not self.sources:
+                raise _fail("data.sources", "[]", "data.kind=blended needs at least one source")
+            for i, source in enumerate(self.sources):
+                if not source.weight > 0:
+                    raise _fail(f"data.sources[{i}].weight", source.weight, "must be > 0")
+        if self.kind == "alpaca" and not self.alpaca_path:
+            raise _fail(
+                "data.alpaca_path",
+                self.alpaca_path,
+                "data.kind=alpaca needs a file (data.alpaca_path=PATH)",
+            )
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -39,10 +40,21 @@ class MetricsWriter:
         self._file.write(json.dumps(asdict(m)) + "\n")
         self._file.flush()
 
+    def write_eval(self, step: int, valid_loss: float) -> None:
+        record = {
+            "step": step,
+            "valid_loss": valid_loss,
+            "valid_ppl": math.exp(min(valid_loss, 50.0)),
+        }
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
     def close(self) -> None:
         self._file.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The records of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, *, kind: str = "train") -> list[dict[str, float]]:
+    """The training records (``kind="train"``) or validation records (``"valid"``) of a run."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    key = "valid_loss" if kind == "valid" else "loss"
+    return [r for r in records if key in r]

@@ -11,6 +11,7 @@ over micro-batches and dp ranks).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from model_parallel.cross_entropy import masked_mean
 from model_parallel.groups import ProcessGroups
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer
@@ -26,7 +28,7 @@ from model_parallel.pipeline import LlamaPipeline
 from orchestrator import engine as ds_engine
 from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
-from orchestrator.data.synthetic import SyntheticData
+from orchestrator.data.build import build_sources
 from orchestrator.dist_env import init_process_group, read_env
 from orchestrator.metrics import MetricsWriter, StepMetrics, progress_line
 from orchestrator.plan import Plan, resolve_plan
@@ -43,15 +45,39 @@ def train(cfg: Config, run_dir: Path) -> None:
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
     torch.manual_seed(cfg.train.seed)
 
-    data = build_data(cfg, plan, groups)
+    data, valid_data = build_sources(
+        cfg,
+        seq_len=plan.seq_len,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+        global_batch=plan.global_batch_size,
+        micro_batch=plan.micro_batch_size,
+    )
     model = build_model(cfg, plan, groups).to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
     writer = MetricsWriter(run_dir / "metrics.jsonl") if env.rank == 0 else None
     if env.rank == 0:
         log.info("run directory: %s", run_dir)
 
+    def evaluate(step: int) -> None:
+        if valid_data is None or not cfg.train.eval_interval:
+            return
+        if step % cfg.train.eval_interval and step != cfg.train.steps:
+            return
+        loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
+        if writer is not None:
+            writer.write_eval(step, loss)
+            log.info(
+                "step %d/%d | valid_loss %.4f | valid_ppl %.2f",
+                step,
+                cfg.train.steps,
+                loss,
+                math.exp(min(loss, 50.0)),
+            )
+
     batches = iter(data)
     tokens_per_step = plan.global_batch_size * plan.seq_len
+    evaluate(0)
     for step in range(cfg.train.steps):
         start = time.perf_counter()
         lr = engine.get_lr()[0]
@@ -74,24 +100,11 @@ def train(cfg: Config, run_dir: Path) -> None:
             )
             writer.write(metrics)
             log.info(progress_line(metrics, total_steps=cfg.train.steps))
+        evaluate(done)
 
     if writer is not None:
         writer.close()
     _shutdown(engine)
-
-
-def build_data(cfg: Config, plan: Plan, groups: ProcessGroups) -> MicroBatchSource:
-    """This dp rank's micro-batches (the data issue adds real sources here)."""
-    return SyntheticData(
-        vocab_size=cfg.model.vocab_size,
-        seq_len=plan.seq_len,
-        global_batch=plan.global_batch_size,
-        micro_batch=plan.micro_batch_size,
-        dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size,
-        seed=cfg.train.seed,
-        num_samples=cfg.data.num_samples,
-    )
 
 
 def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Module:
@@ -128,8 +141,8 @@ def _data_parallel_step(
     norm: float | None = None
     for micro in range(plan.num_micro_batches):
         inputs, labels = next(batches)
-        logits = engine(inputs.to(device))
-        loss = model.loss(logits, labels.to(device)).mean()
+        labels = labels.to(device)
+        loss = masked_mean(model.loss(engine(inputs.to(device)), labels), labels)
         engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
         if micro == plan.num_micro_batches - 1 and plan.zero_stage == 0:
             # DeepSpeed keeps no norm at ZeRO-0: take it before the step clips.
@@ -143,6 +156,36 @@ def _data_parallel_step(
         dist.all_reduce(mean, group=groups.dp_group)
         mean /= groups.dp_size
     return float(mean), None if norm is None else float(norm)
+
+
+def _evaluate(
+    engine: Any,
+    model: Any,
+    source: MicroBatchSource,
+    plan: Plan,
+    groups: ProcessGroups,
+    *,
+    iters: int,
+) -> float:
+    """Mean validation loss over ``iters`` global batches, the same samples every time."""
+    source.load_state_dict({"position": 0})
+    batches = iter(source)
+    if plan.pp > 1:
+        losses = [float(engine.eval_batch(data_iter=batches)) for _ in range(iters)]
+        return sum(losses) / len(losses)
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    count = iters * plan.num_micro_batches
+    with torch.no_grad():
+        for _ in range(count):
+            inputs, labels = next(batches)
+            labels = labels.to(device)
+            total += masked_mean(model.loss(engine(inputs.to(device)), labels), labels).float()
+    mean = total / count
+    if groups.dp_size > 1:
+        dist.all_reduce(mean, group=groups.dp_group)
+        mean /= groups.dp_size
+    return float(mean)
 
 
 def _setup_logging(rank: int) -> None:

@@ -32,6 +32,7 @@ CASES = {
     ],
     "deepspeed_tiny_dp2_zero3_bf16.json": [
         "model=tiny",
+        "parallel=tp1pp1",
         "parallel.dp=2",
         "parallel.zero_stage=3",
         "train.precision=bf16",

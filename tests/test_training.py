@@ -35,6 +35,7 @@ def _command(run_dir: Path, *overrides: str) -> list[str]:
         sys.executable,
         str(REPO / "launch" / "run.py"),
         "model=tiny",
+        "data=synthetic",
         f"run.dir={run_dir}",
         f"train.steps={STEPS}",
         "train.log_interval=1",
@@ -66,14 +67,14 @@ def _max_rel(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> 
 LAYOUTS = {
     "tp2": ["parallel=tp2pp1"],
     "pp2": ["parallel=tp1pp2"],  # 8 micro-batches per step through 2 stages
-    "dp2_zero0": ["parallel.dp=2", "parallel.zero_stage=0"],
-    "dp2_zero1": ["parallel.dp=2", "parallel.zero_stage=1"],
-    "dp2_zero2": ["parallel.dp=2", "parallel.zero_stage=2"],
-    "dp2_zero3": ["parallel.dp=2", "parallel.zero_stage=3"],
+    "dp2_zero0": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=0"],
+    "dp2_zero1": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=1"],
+    "dp2_zero2": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=2"],
+    "dp2_zero3": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=3"],
     "tp2pp2": ["parallel=tp2pp2"],
     "tp2_sp": ["parallel=tp2pp1", "parallel.sequence_parallel=true"],
     "tp2pp2dp2": ["parallel=tp2pp2", "parallel.dp=2"],  # 8 processes
-    "tp1_ckpt": ["parallel.activation_checkpointing=full"],
+    "tp1_ckpt": ["parallel=tp1pp1", "parallel.activation_checkpointing=full"],
     "pp2_ckpt": ["parallel=tp1pp2", "parallel.activation_checkpointing=full"],
 }
 
@@ -129,7 +130,7 @@ def test_loss_falls_on_a_repeating_batch(tmp_path: Path) -> None:
     run_dir = tmp_path / "memorise"
     proc = subprocess.run(
         [
-            *_command(run_dir, "data.num_samples=8", "train.warmup_steps=5"),
+            *_command(run_dir, "parallel=tp1pp1", "data.num_samples=8", "train.warmup_steps=5"),
             "train.steps=150",
             "train.log_interval=10",
         ],

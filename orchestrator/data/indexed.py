@@ -21,15 +21,16 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 MAGIC = b"LLMIDX\x00\x01"
-_DTYPES = {1: np.dtype(np.uint16), 2: np.dtype(np.int32)}
+_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype(np.uint16), 2: np.dtype(np.int32)}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
+def token_dtype(vocab_size: int) -> np.dtype[Any]:
     """The smallest dtype that holds ids of ``vocab_size``."""
     return _DTYPES[1] if vocab_size <= 65536 else _DTYPES[2]
 

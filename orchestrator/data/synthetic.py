@@ -7,15 +7,12 @@ stream repeats every ``num_samples`` samples (a model can then memorise it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import numpy as np
 
-import torch
-
-from orchestrator.data import Batch, sample_indices
+from orchestrator.data import SampleSource
 
 
-class SyntheticData:
+class SyntheticData(SampleSource):
     """This dp rank's micro-batches of random tokens (see ``orchestrator.data``)."""
 
     def __init__(
@@ -23,47 +20,23 @@ class SyntheticData:
         *,
         vocab_size: int,
         seq_len: int,
+        seed: int,
+        num_samples: int = 0,
         global_batch: int,
         micro_batch: int,
         dp_rank: int,
         dp_size: int,
-        seed: int,
-        num_samples: int = 0,
     ) -> None:
+        super().__init__(
+            global_batch=global_batch, micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size
+        )
         self.vocab_size = vocab_size
         self.seq_len = seq_len
-        self.global_batch = global_batch
-        self.micro_batch = micro_batch
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
         self.seed = seed
         self.num_samples = num_samples
-        self.micro_per_step = global_batch // (micro_batch * dp_size)
-        self.position = 0  # micro-batches of this rank already handed out
 
-    def sample(self, index: int) -> torch.Tensor:
+    def sample(self, index: int) -> tuple[np.ndarray, None]:
         if self.num_samples:
             index %= self.num_samples
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=gen)
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            step, micro = divmod(self.position, self.micro_per_step)
-            indices = sample_indices(
-                step,
-                micro,
-                global_batch=self.global_batch,
-                micro_batch=self.micro_batch,
-                dp_rank=self.dp_rank,
-                dp_size=self.dp_size,
-            )
-            tokens = torch.stack([self.sample(i) for i in indices])  # (mb, S+1)
-            self.position += 1
-            yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
+        gen = np.random.default_rng([self.seed, index])
+        return gen.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64), None
