@@ -89,9 +89,9 @@ def main(cfg: DictConfig) -> int:
         config = to_config(cfg)
         plan = validate_config(config)
         deepspeed_config(config, plan)  # an extra key that conflicts fails here
-        resolve_paths(config)  # data files exist; model and tokenizer vocabularies agree
         if not config.dry_run:
             _check_fits_locally(config, plan)
+            resolve_paths(config)  # data files exist; model and tokenizer vocabularies agree
     except (ValueError, OmegaConfBaseException) as exc:
         _print_error(describe_error(exc))
         return EXIT_BAD_CONFIG

@@ -109,7 +109,7 @@ def test_describe_composition_errors(overrides: list[str], expected: str) -> Non
 
 
 def test_main_prints_plan_or_one_error(capsys: pytest.CaptureFixture[str]) -> None:
-    good = OmegaConf.structured(load("dry_run=true"))
+    good = OmegaConf.structured(load("parallel=tp1pp1", "dry_run=true"))
     assert cli.main(good) == 0
     out, err = capsys.readouterr()
     assert "world size: 1" in out and err == ""

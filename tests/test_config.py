@@ -23,7 +23,7 @@ def test_default_config_is_typed_and_valid() -> None:
     cfg = load()
     assert isinstance(cfg, Config)
     assert isinstance(cfg.model, ModelConfig) and cfg.model.name == "tiny"
-    assert isinstance(cfg.parallel, ParallelConfig) and cfg.parallel.name == "tp1pp1"
+    assert isinstance(cfg.parallel, ParallelConfig) and cfg.parallel.name == "tp2pp2"
     assert isinstance(cfg.cluster, ClusterConfig) and cfg.cluster.name == "local"
     assert isinstance(cfg.train, TrainConfig)
     assert cfg.dry_run is False and cfg.launcher == "local"

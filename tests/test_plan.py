@@ -85,7 +85,7 @@ def test_tiny_single_process_and_vocab_padding() -> None:
     plan = resolve_plan(load("parallel=tp2pp2"))
     assert plan.padded_vocab_size == 2048  # 2000 -> multiple of 128 * 2
     assert (plan.world_size, plan.nodes, plan.num_micro_batches) == (4, 1, 8)
-    single = resolve_plan(load())
+    single = resolve_plan(load("parallel=tp1pp1"))
     assert single.stage_params_per_rank == (single.num_padded_params,)
 
 

@@ -213,3 +213,30 @@ def test_killed_worker_stops_the_job_within_seconds(tmp_path: Path) -> None:
             proc.wait()
         for pid in _worker_pids(run_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_demo_run_learns_real_text(tmp_path: Path) -> None:
+    """The README's default run, shortened: real text, tokenizer and shards from data/demo."""
+    run_dir = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "run.py"),
+            f"run.dir={run_dir}",
+            "parallel=tp1pp2",
+            "train.steps=60",
+            "train.eval_interval=60",
+            "train.eval_iters=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    valid = read_metrics(run_dir / "metrics.jsonl", kind="valid")
+    assert [v["step"] for v in valid] == [0, 60]
+    print(f"demo: valid_loss {valid[0]['valid_loss']:.3f} -> {valid[1]['valid_loss']:.3f}")
+    assert valid[0]["valid_loss"] > 7.0  # about ln(2000) = 7.6 untrained
+    assert valid[1]["valid_loss"] < valid[0]["valid_loss"] - 1.0
+    assert "valid_loss" in proc.stdout

@@ -1,0 +1,527 @@
+"""Raw documents to one indexed token shard (see ``orchestrator.data.indexed``).
+
+Inputs, by file name (each may end in ``.gz``):
+
+* ``.jsonl`` / ``.json`` / ``.ndjson``: one JSON object per line, the document
+  in its ``text`` field (the RedPajama format; other fields are ignored).
+* ``.txt``: with ``text_split="file"`` (the default) the whole file is one
+  document, byte for byte; with ``text_split="lines"`` each line is one, its
+  line ending removed.
+
+Every input record (a JSONL line, a text file, a text line) ends up in exactly
+one count: ``records = documents + empty + malformed``. Empty records (blank
+lines, ``"text": ""``) are skipped. Malformed ones (bad JSON, no ``text``, a
+``text`` that is not a string, invalid UTF-8) are skipped and reported with
+``file:line``, or stop the run with ``strict=True``. Each document is written
+as its tokens followed by ``</s>``.
+
+Worker processes parse and tokenize batches of raw records; the parent reads
+the files, keeps a bounded window of batches in flight and writes the results
+in input order, so the shard is byte-identical for any number of workers.
+A run that fails or is interrupted aborts the writer: no shard, no temporaries.
+
+Command line::
+
+    python -m orchestrator.data.preprocess --input FILE [FILE ...] \\
+        --output-prefix PREFIX --tokenizer MODEL [--workers N] \\
+        [--batch-size N] [--strict] [--text-split {file,lines}] [--no-progress]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.pool import AsyncResult
+from pathlib import Path
+from typing import IO, TextIO
+
+import numpy as np
+
+from orchestrator.data.indexed import IndexedDatasetWriter, token_dtype
+from orchestrator.data.tokenizer import Tokenizer
+
+log = logging.getLogger("orchestrator.data.preprocess")
+
+_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
+TEXT_SPLITS = ("file", "lines")
+MAX_REPORTED_MALFORMED = 10
+BATCH_BYTES = 1 << 20  # a batch also ends after this much input
+# Fork: workers start in milliseconds and inherit the imports; spawn would
+# re-import torch (through ``orchestrator.data``) in every worker.
+_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+
+Record = tuple[int, int, bytes]  # (source index, 1-based line number, raw bytes)
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    format: str  # "jsonl" or "text"
+    compressed: bool
+    size: int  # bytes on disk
+
+
+@dataclass(frozen=True)
+class Malformed:
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+class MalformedInputError(ValueError):
+    """A malformed record under ``strict=True``."""
+
+
+@dataclass
+class Summary:
+    num_records: int = 0
+    num_documents: int = 0
+    num_tokens: int = 0  # in the shard, one </s> per document included
+    num_text_bytes: int = 0  # UTF-8 bytes of the documents written
+    num_empty: int = 0
+    num_malformed: int = 0
+    malformed: list[Malformed] = field(default_factory=list)  # the first few
+    input_bytes: int = 0  # size of the input files (compressed size for .gz)
+    bytes_read: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Text bytes per token, the </s> tokens not counted."""
+        return self.num_text_bytes / max(1, self.num_tokens - self.num_documents)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / max(self.elapsed_s, 1e-9)
+
+    def format(self) -> str:
+        return "\n".join(
+            [
+                f"records    {self.num_records:,} = {self.num_documents:,} documents"
+                f" + {self.num_empty:,} empty + {self.num_malformed:,} malformed",
+                f"tokens     {self.num_tokens:,} ({self.num_documents:,} of them </s>)",
+                f"bytes/tok  {self.bytes_per_token:.3f}",
+                f"elapsed    {self.elapsed_s:.2f} s",
+                f"throughput {self.tokens_per_s:,.0f} tokens/s",
+            ]
+        )
+
+
+def check_inputs(inputs: Sequence[Path], *, text_split: str = "file") -> list[Source]:
+    """The inputs as ``Source``s; raises for a missing file or an unknown format."""
+    if text_split not in TEXT_SPLITS:
+        raise ValueError(f"text_split={text_split!r}: must be one of {', '.join(TEXT_SPLITS)}")
+    if not inputs:
+        raise ValueError("no input files")
+    sources = []
+    for path in map(Path, inputs):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+        fmt = _FORMATS.get(suffixes[0] if suffixes else "")
+        if fmt is None:
+            known = ", ".join(_FORMATS)
+            raise ValueError(f"{path}: unknown input format (expected {known}, optionally .gz)")
+        sources.append(Source(path, fmt, path.suffix == ".gz", path.stat().st_size))
+    return sources
+
+
+class _Reader:
+    """The records of every source, in order; ``bytes_read`` tracks the position."""
+
+    def __init__(self, sources: Sequence[Source], *, text_split: str) -> None:
+        self.sources = sources
+        self.text_split = text_split
+        self._done = 0
+        self._raw: IO[bytes] | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self._done + (self._raw.tell() if self._raw is not None else 0)
+
+    def __iter__(self) -> Iterator[Record]:
+        for i, source in enumerate(self.sources):
+            try:
+                with source.path.open("rb") as raw:
+                    self._raw = raw
+                    stream: IO[bytes] | gzip.GzipFile = (
+                        gzip.GzipFile(fileobj=raw) if source.compressed else raw
+                    )
+                    if source.format == "text" and self.text_split == "file":
+                        yield (i, 1, stream.read())
+                    else:
+                        yield from ((i, n, line) for n, line in enumerate(stream, 1))
+                    self._raw = None
+            except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz
+                raise OSError(f"{source.path}: cannot read ({e})") from e
+            self._done += source.size
+
+
+def read_documents(inputs: Sequence[Path], *, text_split: str = "file") -> Iterator[str]:
+    """The non-empty document texts of ``inputs``, in order; malformed records are logged."""
+    sources = check_inputs(inputs, text_split=text_split)
+    num_malformed = 0
+    for source, line, data in _Reader(sources, text_split=text_split):
+        fmt = sources[source].format
+        try:
+            text, _ = parse_record(fmt, data, text_split=text_split)
+        except _MalformedRecord as e:
+            num_malformed += 1
+            if num_malformed <= MAX_REPORTED_MALFORMED:
+                path = sources[source].path
+                log.warning("%s:%d: %s (skipped)", path, line + e.line_offset, e.reason)
+            continue
+        if text:
+            yield text
+    if num_malformed:
+        log.warning("%d malformed records skipped", num_malformed)
+
+
+class _MalformedRecord(Exception):
+    def __init__(self, reason: str, line_offset: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.line_offset = line_offset
+
+
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number"}
+_JSON_TYPES |= {list: "an array", dict: "an object"}
+
+
+def parse_record(fmt: str, data: bytes, *, text_split: str) -> tuple[str, int]:
+    """A record's document text ("" when empty) and its size in UTF-8 bytes.
+
+    Raises ``_MalformedRecord``.
+    """
+    if fmt == "jsonl" or text_split == "lines":
+        data = data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_offset = data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise _MalformedRecord(
+            f"invalid UTF-8 (byte {data[e.start]:#04x} at column {column})", line_offset
+        ) from None
+    if fmt == "text":
+        return decoded, len(data)
+    if not decoded.strip():
+        return "", 0
+    try:
+        record = json.loads(decoded)
+    except json.JSONDecodeError as e:
+        raise _MalformedRecord(
+            f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+        ) from None
+    if not isinstance(record, dict):
+        raise _MalformedRecord(f"not a JSON object but {_JSON_TYPES.get(type(record), '?')}")
+    if "text" not in record:
+        raise _MalformedRecord("no 'text' field")
+    text = record["text"]
+    if not isinstance(text, str):
+        raise _MalformedRecord(f"'text' is {_JSON_TYPES.get(type(text), '?')}, not a string")
+    if text.isascii():
+        return text, len(text)
+    try:
+        return text, len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:  # JSON can escape a lone surrogate: "\ud800"
+        raise _MalformedRecord(f"'text' has a lone surrogate ({text[e.start]!r})") from None
+
+
+@dataclass
+class _BatchResult:
+    num_records: int
+    tokens: np.ndarray  # the documents' tokens, concatenated, each ending in </s>
+    lengths: np.ndarray  # tokens per document
+    num_text_bytes: int
+    num_empty: int
+    malformed: list[Malformed]
+
+
+class _BatchEncoder:
+    """Parses and tokenizes a batch of records; one per worker process."""
+
+    def __init__(self, tokenizer_path: str, sources: Sequence[Source], text_split: str) -> None:
+        self.tokenizer = Tokenizer(tokenizer_path)
+        self.dtype = token_dtype(self.tokenizer.vocab_size)
+        self.sources = sources
+        self.text_split = text_split
+
+    def __call__(self, batch: Sequence[Record]) -> _BatchResult:
+        texts, malformed, num_empty, num_text_bytes = [], [], 0, 0
+        for source, line, data in batch:
+            try:
+                text, size = parse_record(
+                    self.sources[source].format, data, text_split=self.text_split
+                )
+            except _MalformedRecord as e:
+                path = str(self.sources[source].path)
+                malformed.append(Malformed(path, line + e.line_offset, e.reason))
+                continue
+            if not text:
+                num_empty += 1
+                continue
+            texts.append(text)
+            num_text_bytes += size
+        ids = self.tokenizer.encode_batch(texts, eos=True)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        total = int(lengths.sum())
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=total)
+        return _BatchResult(len(batch), tokens, lengths, num_text_bytes, num_empty, malformed)
+
+
+# Per-process state of a pool worker, set once by its initializer.
+_worker_encoder: _BatchEncoder | None = None
+
+
+def _init_worker(tokenizer_path: str, sources: Sequence[Source], text_split: str) -> None:
+    global _worker_encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _worker_encoder = _BatchEncoder(tokenizer_path, sources, text_split)
+
+
+def _encode_in_worker(batch: list[Record]) -> _BatchResult:
+    assert _worker_encoder is not None, "worker not initialised"
+    return _worker_encoder(batch)
+
+
+def _batched(records: Iterable[Record], batch_size: int) -> Iterator[list[Record]]:
+    """Batches of ``batch_size`` records, cut earlier at ``BATCH_BYTES`` of input.
+
+    The byte limit keeps batches of long documents small enough to spread
+    evenly over the workers and to bound the memory in flight.
+    """
+    batch: list[Record] = []
+    num_bytes = 0
+    for record in records:
+        batch.append(record)
+        num_bytes += len(record[2])
+        if len(batch) == batch_size or num_bytes >= BATCH_BYTES:
+            yield batch
+            batch, num_bytes = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_all(
+    reader: _Reader, encoder_args: tuple, *, workers: int, batch_size: int
+) -> Generator[tuple[_BatchResult, int], None, None]:
+    """Each batch's result, in input order, with the input position after it."""
+    batches = _batched(reader, batch_size)
+    if workers == 1:
+        encode = _BatchEncoder(*encoder_args)
+        for batch in batches:
+            yield encode(batch), reader.bytes_read
+        return
+    context = multiprocessing.get_context(_START_METHOD)
+    with context.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
+        # A bounded window rather than imap: imap's feeder thread would read
+        # ahead without limit, and errors from reading would surface late.
+        pending: deque[tuple[AsyncResult[_BatchResult], int]] = deque()
+        for batch in batches:
+            pending.append((pool.apply_async(_encode_in_worker, (batch,)), reader.bytes_read))
+            if len(pending) >= 2 * workers:
+                result, position = pending.popleft()
+                yield result.get(), position
+        while pending:
+            result, position = pending.popleft()
+            yield result.get(), position
+
+
+def preprocess(
+    inputs: Sequence[Path],
+    output_prefix: Path,
+    tokenizer_path: Path,
+    *,
+    workers: int = 1,
+    batch_size: int = 256,
+    strict: bool = False,
+    text_split: str = "file",
+    on_progress: Callable[[Summary], None] | None = None,
+) -> Summary:
+    """Tokenize ``inputs`` into the shard ``output_prefix.{bin,idx}``.
+
+    ``workers=1`` tokenizes in this process. ``on_progress`` is called with
+    the running summary after every batch. Raises ``MalformedInputError`` for
+    the first malformed record under ``strict``; on any error no shard is left.
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    sources = check_inputs(inputs, text_split=text_split)
+    tokenizer = Tokenizer(tokenizer_path)
+    summary = Summary(input_bytes=sum(source.size for source in sources))
+    reader = _Reader(sources, text_split=text_split)
+    encoder_args = (str(tokenizer_path), sources, text_split)
+    start = time.perf_counter()
+    writer = IndexedDatasetWriter(output_prefix, vocab_size=tokenizer.vocab_size)
+    try:
+        results = _encode_all(reader, encoder_args, workers=workers, batch_size=batch_size)
+        with contextlib.closing(results):  # stops the pool now, even on an error
+            for result, position in results:
+                if strict and result.malformed:
+                    raise MalformedInputError(f"{result.malformed[0]} (strict)")
+                for end, length in zip(np.cumsum(result.lengths), result.lengths, strict=True):
+                    writer.add_document(result.tokens[end - length : end])
+                _accumulate(summary, result)
+                summary.bytes_read = position
+                summary.elapsed_s = time.perf_counter() - start
+                if on_progress is not None:
+                    on_progress(summary)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finish()
+    summary.elapsed_s = time.perf_counter() - start
+    assert summary.num_records == (
+        summary.num_documents + summary.num_empty + summary.num_malformed
+    ), summary
+    return summary
+
+
+def _accumulate(summary: Summary, result: _BatchResult) -> None:
+    summary.num_records += result.num_records
+    summary.num_documents += len(result.lengths)
+    summary.num_tokens += len(result.tokens)
+    summary.num_text_bytes += result.num_text_bytes
+    summary.num_empty += result.num_empty
+    summary.num_malformed += len(result.malformed)
+    room = MAX_REPORTED_MALFORMED - len(summary.malformed)
+    summary.malformed.extend(result.malformed[: max(0, room)])
+
+
+class ProgressBar:
+    """Progress on a terminal, redrawn in place; a plain line now and then elsewhere.
+
+    Also prints each reported malformed record as it comes, with ``draw=False`` too.
+    """
+
+    def __init__(self, stream: TextIO, *, draw: bool = True, width: int = 24) -> None:
+        self.stream = stream
+        self.draw = draw
+        self.width = width
+        self.tty = stream.isatty()
+        self.interval_s = 0.2 if self.tty else 30.0
+        self._last_draw = time.monotonic()  # a short run draws only its final line
+        self._num_reported = 0
+        self._drawn = False
+
+    def __call__(self, summary: Summary) -> None:
+        new = summary.malformed[self._num_reported :]
+        if new:
+            self._clear()
+            for malformed in new:
+                print(f"warning: {malformed}", file=self.stream)
+            self._num_reported += len(new)
+        now = time.monotonic()
+        if now - self._last_draw >= self.interval_s:
+            self._draw(summary)
+            self._last_draw = now
+
+    def close(self, summary: Summary) -> None:
+        self._draw(summary)
+        self.end_line()
+        more = summary.num_malformed - self._num_reported
+        if more:
+            print(f"warning: ... and {more:,} more malformed records", file=self.stream)
+
+    def _draw(self, summary: Summary) -> None:
+        if not self.draw:
+            return
+        fraction = summary.bytes_read / max(1, summary.input_bytes)
+        filled = round(self.width * min(1.0, fraction))
+        bar = "#" * filled + " " * (self.width - filled)
+        line = (
+            f"{fraction:4.0%} |{bar}| {summary.num_documents:,} docs"
+            f"  {summary.num_tokens:,} tokens  {summary.tokens_per_s:,.0f} tok/s"
+            f"  {summary.elapsed_s:.0f} s"
+        )
+        self.stream.write(f"\r\x1b[K{line}" if self.tty else f"{line}\n")
+        self.stream.flush()
+        self._drawn = True
+
+    def end_line(self) -> None:
+        """Ends a bar drawn in place, so that the next message starts its own line."""
+        if self.tty and self._drawn:
+            print(file=self.stream)
+            self._drawn = False
+
+    def _clear(self) -> None:
+        if self.tty and self._drawn:
+            self.stream.write("\r\x1b[K")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors raise instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _ArgumentParser(
+        prog="python -m orchestrator.data.preprocess",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", nargs="+", type=Path, required=True, metavar="FILE")
+    parser.add_argument("--output-prefix", type=Path, required=True, metavar="PREFIX")
+    parser.add_argument("--tokenizer", type=Path, required=True, metavar="MODEL")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--batch-size", type=int, default=256, help="records per batch")
+    parser.add_argument("--strict", action="store_true", help="stop at a malformed record")
+    parser.add_argument("--text-split", choices=TEXT_SPLITS, default="file")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    progress = None
+    try:
+        args = _parse_args(argv)
+        progress = ProgressBar(sys.stderr, draw=not args.no_progress)
+        summary = preprocess(
+            args.input,
+            args.output_prefix,
+            args.tokenizer,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            strict=args.strict,
+            text_split=args.text_split,
+            on_progress=progress,
+        )
+    except (ValueError, OSError) as e:
+        if progress is not None:
+            progress.end_line()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.end_line()
+        print("interrupted: no shard written", file=sys.stderr)
+        return 130
+    progress.close(summary)
+    print(f"wrote {args.output_prefix}.bin and .idx")
+    print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
