@@ -53,17 +53,26 @@ class IndexedDatasetWriter:
         self._offsets = [0]
 
     def add_document(self, tokens: np.ndarray | list[int]) -> None:
-        array = np.asarray(tokens, dtype=self.dtype)
+        source = np.asarray(tokens)
+        if source.size and (source.min() < 0 or source.max() > np.iinfo(self.dtype).max):
+            raise ValueError(
+                f"token ids in [{source.min()}, {source.max()}] do not fit {self.dtype.name}"
+            )
+        array = source.astype(self.dtype, copy=False)
         self._bin.write(array.tobytes(order="C"))
         self._offsets.append(self._offsets[-1] + len(array))
 
     def finish(self) -> None:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         self._bin.close()
         with self._tmp_idx.open("wb") as idx:
             idx.write(MAGIC)
             idx.write(struct.pack("<B", _CODES[self.dtype]))
             idx.write(struct.pack("<Q", len(self._offsets) - 1))
             idx.write(np.asarray(self._offsets, dtype="<i8").tobytes())
+            idx.flush()
+            os.fsync(idx.fileno())
         if self.idx_path.exists():
             self.idx_path.unlink()  # an old shard stops looking finished first
         os.replace(self._tmp_bin, self.bin_path)
@@ -106,6 +115,8 @@ class IndexedDataset:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"document {i} of {len(self)} in {self.prefix}")
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
     @property
