@@ -140,6 +140,11 @@ def test_main_prints_plan_or_one_error(capsys: pytest.CaptureFixture[str]) -> No
         ),
         (("train.precision=fp16",), "error: train.precision=fp16: needs GPUs"),
         (
+            ("model.vocab_size=3000",),
+            "error: model.vocab_size=3000: the tokenizer tokenizer.model has 2000 tokens",
+        ),
+        (("data.root=/nonexistent",), "error: data.sources[0].prefix=code: no shard at"),
+        (
             ("+deepspeed.extra.gradient_clipping=0.5",),
             "error: deepspeed.extra.gradient_clipping=0.5: conflicts with 1.0",
         ),

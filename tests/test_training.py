@@ -7,6 +7,7 @@ Each layout is compared with the tp1pp1dp1 reference within 1e-4 relative.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -240,3 +241,35 @@ def test_demo_run_learns_real_text(tmp_path: Path) -> None:
     assert valid[0]["valid_loss"] > 7.0  # about ln(2000) = 7.6 untrained
     assert valid[1]["valid_loss"] < valid[0]["valid_loss"] - 1.0
     assert "valid_loss" in proc.stdout
+
+
+def test_alpaca_fine_tuning_runs(tmp_path: Path) -> None:
+    records = [
+        {"instruction": f"Repeat the number {i}.", "input": "", "output": f"The number is {i}."}
+        for i in range(16)
+    ]
+    data_file = tmp_path / "alpaca.json"
+    data_file.write_text(json.dumps(records))
+    run_dir = tmp_path / "alpaca"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "run.py"),
+            f"run.dir={run_dir}",
+            "parallel=tp2pp1",
+            "data=alpaca",
+            f"data.alpaca_path={data_file}",
+            "data.tokenizer=data/demo/tokenizer.model",
+            "train.steps=30",
+            "train.log_interval=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert len(metrics) == 30
+    # the responses are nearly the same text: the loss on them falls quickly
+    assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
