@@ -29,6 +29,7 @@ ACTIVATION_CHECKPOINTING = ("none", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("local",)
 DATA_KINDS = ("synthetic", "blended", "alpaca")
+RESUME_MODES = ("auto", "never")
 
 # SLURM --time formats: "minutes", "minutes:seconds", "hours:minutes:seconds",
 # "days-hours", "days-hours:minutes", "days-hours:minutes:seconds".
@@ -210,6 +211,7 @@ class TrainConfig:
     precision: str = "bf16"
     log_interval: int = 10
     seq_len: int | None = None  # tokens per training sequence; None: model.max_seq_len
+    exit_at_step: int = 0  # stop after this step with a checkpoint (Megatron's --exit-interval)
     eval_interval: int = 0  # validation loss every N steps (and at step 0); 0: never
     eval_iters: int = 1  # global batches of validation data per evaluation
 
@@ -233,6 +235,7 @@ class TrainConfig:
         _positive("train.log_interval", self.log_interval)
         if self.seq_len is not None:
             _positive("train.seq_len", self.seq_len)
+        _non_negative("train.exit_at_step", self.exit_at_step)
         _non_negative("train.eval_interval", self.eval_interval)
         _positive("train.eval_iters", self.eval_iters)
 
@@ -293,10 +296,26 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """The run directory: resolved config, metrics, per-rank logs (later: checkpoints)."""
+    """The run directory: resolved config, metrics, per-rank logs, checkpoints."""
 
     dir: str | None = None  # None: runs/<model>-<parallel>-<timestamp>
     root: str = "runs"
+    resume: str = "auto"  # auto: continue from checkpoints/latest when there is one; never
+
+    def validate(self) -> None:
+        _one_of("run.resume", self.resume, RESUME_MODES)
+
+
+@dataclass
+class CheckpointConfig:
+    """When to write checkpoints (always also at the end, and when signalled)."""
+
+    interval: int = 0  # every N steps; 0: only at the end and on a stop signal
+    keep: int = 3  # the newest K complete checkpoints are kept
+
+    def validate(self) -> None:
+        _non_negative("checkpoint.interval", self.interval)
+        _positive("checkpoint.keep", self.keep)
 
 
 @dataclass
@@ -318,6 +337,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     dry_run: bool = False
     launcher: str = "local"
@@ -329,6 +349,8 @@ class Config:
         self.cluster.validate()
         self.train.validate()
         self.data.validate()
+        self.run.validate()
+        self.checkpoint.validate()
         _one_of("launcher", self.launcher, LAUNCHERS)
 
 

@@ -23,6 +23,7 @@ from typing import IO
 import torch
 
 from orchestrator.dist_env import child_env
+from orchestrator.faults import EXIT_REQUEUE, STOP_SIGNALS
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 _POLL_S = 0.2
@@ -84,7 +85,12 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 def run_local(run_dir: Path, world_size: int) -> int:
-    """Start ``world_size`` workers on ``run_dir``; return 0 when all succeed, else 1."""
+    """Start ``world_size`` workers on ``run_dir``.
+
+    Returns 0 when all succeed, ``EXIT_REQUEUE`` when they stopped on a signal
+    after checkpointing (SIGUSR1/SIGTERM sent to this process are passed on
+    to every worker), else 1.
+    """
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -115,10 +121,23 @@ def run_local(run_dir: Path, world_size: int) -> int:
             )
             pump.start()
             pumps.append(pump)
-        return _watch(procs, pumps, log_dir)
+        forwarded = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, _frame: _forward(procs, signum))
+        try:
+            return _watch(procs, pumps, log_dir)
+        finally:
+            for sig, handler in forwarded.items():
+                signal.signal(sig, handler)
     except BaseException:
         _stop(procs)
         raise
+
+
+def _forward(procs: Sequence[subprocess.Popen[bytes]], signum: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signum)
 
 
 def _watch(
@@ -126,7 +145,9 @@ def _watch(
 ) -> int:
     while True:
         codes = [p.poll() for p in procs]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        failed = [
+            (rank, code) for rank, code in enumerate(codes) if code not in (None, 0, EXIT_REQUEUE)
+        ]
         if failed:
             _stop(procs)
             for pump in pumps:
@@ -139,8 +160,11 @@ def _watch(
                 file=sys.stderr,
             )
             return 1
-        if all(code == 0 for code in codes):
+        if all(code is not None for code in codes):
             for pump in pumps:
                 pump.join(timeout=2)
+            if EXIT_REQUEUE in codes:
+                print(f"stopped on a signal after a checkpoint (exit {EXIT_REQUEUE}: requeue)")
+                return EXIT_REQUEUE
             return 0
         time.sleep(_POLL_S)

@@ -25,18 +25,22 @@ from model_parallel.groups import ProcessGroups
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer
 from model_parallel.pipeline import LlamaPipeline
+from orchestrator import checkpoint
 from orchestrator import engine as ds_engine
 from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
 from orchestrator.dist_env import init_process_group, read_env
+from orchestrator.faults import EXIT_REQUEUE, StopRequest
 from orchestrator.metrics import MetricsWriter, StepMetrics, progress_line
 from orchestrator.plan import Plan, resolve_plan
 
 log = logging.getLogger("orchestrator.train")
 
 
-def train(cfg: Config, run_dir: Path) -> None:
+def train(cfg: Config, run_dir: Path) -> int:
+    """Train one rank; returns the exit code (0, or ``EXIT_REQUEUE`` after a stop signal)."""
+    stop = StopRequest()  # first: a signal during start-up is honoured at the first step
     env = read_env()
     device = init_process_group(env)
     ds_engine.init_deepspeed_comm()
@@ -55,14 +59,13 @@ def train(cfg: Config, run_dir: Path) -> None:
     )
     model = build_model(cfg, plan, groups).to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
+    start_step = _resume(engine, cfg, run_dir, data)
     writer = MetricsWriter(run_dir / "metrics.jsonl") if env.rank == 0 else None
-    if env.rank == 0:
-        log.info("run directory: %s", run_dir)
+    tokens_per_step = plan.global_batch_size * plan.seq_len
 
     def evaluate(step: int) -> None:
-        if valid_data is None or not cfg.train.eval_interval:
-            return
-        if step % cfg.train.eval_interval and step != cfg.train.steps:
+        interval = cfg.train.eval_interval
+        if valid_data is None or not interval or (step % interval and step != cfg.train.steps):
             return
         loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
         if writer is not None:
@@ -75,10 +78,16 @@ def train(cfg: Config, run_dir: Path) -> None:
                 math.exp(min(loss, 50.0)),
             )
 
+    def save(step: int) -> None:
+        state = checkpoint.TrainingState(step, step * tokens_per_step, data.state_dict())
+        path = checkpoint.save(engine, run_dir, state, keep=cfg.checkpoint.keep)
+        log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
+
     batches = iter(data)
-    tokens_per_step = plan.global_batch_size * plan.seq_len
-    evaluate(0)
-    for step in range(cfg.train.steps):
+    stopping = False
+    if start_step == 0:
+        evaluate(0)
+    for step in range(start_step, cfg.train.steps):
         start = time.perf_counter()
         lr = engine.get_lr()[0]
         if plan.pp > 1:
@@ -101,10 +110,38 @@ def train(cfg: Config, run_dir: Path) -> None:
             writer.write(metrics)
             log.info(progress_line(metrics, total_steps=cfg.train.steps))
         evaluate(done)
+        interval = cfg.checkpoint.interval
+        stopping = stop.agreed() and done < cfg.train.steps
+        exiting = done == cfg.train.exit_at_step
+        if done == cfg.train.steps or stopping or exiting or (interval and done % interval == 0):
+            save(done)
+        if stopping:
+            log.warning(
+                "step %d/%d | stopped by signal %s: checkpoint written, exiting for requeue",
+                done,
+                cfg.train.steps,
+                stop.signal or "(another rank's)",
+            )
+            break
+        if exiting:
+            log.info("step %d/%d | train.exit_at_step reached", done, cfg.train.steps)
+            break
 
     if writer is not None:
         writer.close()
     _shutdown(engine)
+    return EXIT_REQUEUE if stopping else 0
+
+
+def _resume(engine: Any, cfg: Config, run_dir: Path, data: MicroBatchSource) -> int:
+    """Load ``checkpoints/latest`` when ``run.resume=auto`` finds one; the step to start at."""
+    tag = checkpoint.latest_tag(run_dir) if cfg.run.resume == "auto" else None
+    if tag is None:
+        return 0
+    state = checkpoint.load(engine, run_dir, tag)
+    data.load_state_dict(state.data)
+    log.info("resumed from %s at step %d", tag, state.step)
+    return state.step
 
 
 def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Module:

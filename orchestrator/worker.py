@@ -18,8 +18,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m orchestrator.worker RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    train(load_config(run_dir / "config.yaml"), run_dir)
-    return 0
+    return train(load_config(run_dir / "config.yaml"), run_dir)
 
 
 if __name__ == "__main__":
