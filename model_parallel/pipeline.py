@@ -142,6 +142,7 @@ class LlamaPipeline(PipelineModule):
         if len(stage_layers) != groups.pp_size:
             raise ValueError(f"{len(stage_layers)} stage splits for pp({groups.pp_size})")
         self._parts = stage_boundaries(stage_layers)
+        self.tp_group_for_loading = groups.tp_group
         sp = sequence_parallel and groups.tp_size > 1
         common = dict(tp_group=groups.tp_group, sequence_parallel=sp, seed=seed)
         specs: list[LayerSpec] = [LayerSpec(EmbeddingPipe, args, **common)]
@@ -164,3 +165,20 @@ class LlamaPipeline(PipelineModule):
         self.parts = self._parts
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def load_stage_state_dict(pipeline: PipelineModule, state: dict[str, torch.Tensor]) -> None:
+    """Load this rank's stage (and tp shard) from a full state dict with Meta's names."""
+    from model_parallel.layers import load_shard_
+    from model_parallel.mappings import group_rank
+
+    for module in pipeline.forward_funcs:
+        prefix, target = "", module
+        if isinstance(module, BlockPipe):
+            prefix, target = f"layers.{module.layer_id}.", module.block
+        for name, param in target.named_parameters():
+            full = state[prefix + name]
+            group = getattr(pipeline, "tp_group_for_loading", None)
+            load_shard_(
+                param, full.to(param.dtype), tp_rank=group_rank(group), tp_size=group_size(group)
+            )

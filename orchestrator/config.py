@@ -76,6 +76,9 @@ class ModelConfig:
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # Start from these weights (a Hugging Face LlamaForCausalLM directory, or a
+    # Meta release with params.json) instead of the random init; any layout.
+    init_from: str | None = None
 
     def to_args(self) -> ModelArgs:
         return ModelArgs(

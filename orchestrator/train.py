@@ -24,7 +24,7 @@ from model_parallel.cross_entropy import masked_mean
 from model_parallel.groups import ProcessGroups
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer
-from model_parallel.pipeline import LlamaPipeline
+from model_parallel.pipeline import LlamaPipeline, load_stage_state_dict
 from orchestrator import checkpoint
 from orchestrator import engine as ds_engine
 from orchestrator.config import Config
@@ -34,6 +34,7 @@ from orchestrator.dist_env import init_process_group, read_env
 from orchestrator.faults import EXIT_REQUEUE, StopRequest
 from orchestrator.metrics import MetricsWriter, StepMetrics, progress_line
 from orchestrator.plan import Plan, resolve_plan
+from orchestrator.weights import read_pretrained
 
 log = logging.getLogger("orchestrator.train")
 
@@ -57,7 +58,10 @@ def train(cfg: Config, run_dir: Path) -> int:
         global_batch=plan.global_batch_size,
         micro_batch=plan.micro_batch_size,
     )
-    model = build_model(cfg, plan, groups).to(device)
+    model = build_model(cfg, plan, groups)
+    if cfg.model.init_from and checkpoint.latest_tag(run_dir) is None:
+        _load_pretrained(model, cfg, plan)
+    model = model.to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
     start_step = _resume(engine, cfg, run_dir, data)
     writer = MetricsWriter(run_dir / "metrics.jsonl") if env.rank == 0 else None
@@ -131,6 +135,17 @@ def train(cfg: Config, run_dir: Path) -> int:
         writer.close()
     _shutdown(engine)
     return EXIT_REQUEUE if stopping else 0
+
+
+def _load_pretrained(model: torch.nn.Module, cfg: Config, plan: Plan) -> None:
+    """Replace the random init by ``model.init_from``'s weights (Hugging Face or Meta)."""
+    assert cfg.model.init_from is not None
+    state = read_pretrained(Path(cfg.model.init_from), cfg.model.to_args())
+    if plan.pp > 1:
+        load_stage_state_dict(model, state)
+    else:
+        model.load_full_state_dict(state)  # type: ignore[operator]
+    log.info("initialised from %s", cfg.model.init_from)
 
 
 def _resume(engine: Any, cfg: Config, run_dir: Path, data: MicroBatchSource) -> int:

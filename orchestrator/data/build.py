@@ -29,7 +29,12 @@ def _absolute(path: str) -> Path:
 
 
 def resolve_paths(cfg: Config) -> None:
-    """Make ``cfg.data``'s paths absolute and check them (and the vocabulary) in place."""
+    """Make the data and init paths absolute and check them (and the vocabulary) in place."""
+    if cfg.model.init_from is not None:
+        init = _absolute(cfg.model.init_from)
+        if not init.is_dir():
+            raise ValueError(f"model.init_from={cfg.model.init_from}: no such directory ({init})")
+        cfg.model.init_from = str(init)
     data = cfg.data
     if data.kind == "synthetic":
         return
