@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -48,7 +50,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     _setup_logging(env.rank)
     plan = resolve_plan(cfg)
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
-    torch.manual_seed(cfg.train.seed)
+    _seed_everything(cfg.train.seed)
 
     data, valid_data = build_sources(
         cfg,
@@ -238,6 +240,13 @@ def _evaluate(
         dist.all_reduce(mean, group=groups.dp_group)
         mean /= groups.dp_size
     return float(mean)
+
+
+def _seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators (the model's init has its own)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _setup_logging(rank: int) -> None:
