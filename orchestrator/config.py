@@ -322,6 +322,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Hang detection: a rank without progress this long ends the job (also the collective timeout)."""
+
+    hang_timeout_s: float = 900.0
+
+    def validate(self) -> None:
+        _positive_float("faults.hang_timeout_s", self.hang_timeout_s)
+
+
+@dataclass
 class DeepSpeedSection:
     """Extra DeepSpeed config keys, merged into the JSON built from this config.
 
@@ -341,6 +351,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     dry_run: bool = False
     launcher: str = "local"
@@ -354,6 +365,7 @@ class Config:
         self.data.validate()
         self.run.validate()
         self.checkpoint.validate()
+        self.faults.validate()
         _one_of("launcher", self.launcher, LAUNCHERS)
 
 

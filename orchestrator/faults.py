@@ -1,4 +1,4 @@
-"""Stopping cleanly when the scheduler asks.
+"""Stopping cleanly when the scheduler asks, and not hanging when a peer dies.
 
 SLURM sends SIGUSR1 (``--signal=USR1@grace``) before a time limit and SIGTERM
 before preemption. The handler only records the request; at the end of the
@@ -6,12 +6,25 @@ current step all ranks agree (one all-reduce), write a checkpoint and exit
 with ``EXIT_REQUEUE`` so the launcher can requeue the job. A second signal
 while saving changes nothing: the request is already recorded, and the save
 is atomic anyway.
+
+Each rank also writes a heartbeat per step and runs a watchdog: a rank that
+makes no progress for ``faults.hang_timeout_s`` (a stopped or dead peer, a
+collective that never completes) exits naming what it waited in and which
+ranks fell behind, so the job fails in minutes instead of hanging for hours.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +32,7 @@ import torch.distributed as dist
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again" -- requeue.
 EXIT_REQUEUE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_HANG = 3
 
 
 class StopRequest:
@@ -39,3 +53,85 @@ class StopRequest:
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class Heartbeat:
+    """``RUN_DIR/heartbeats/rank_N.json``: this rank's last step, phase and time."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.dir = run_dir / "heartbeats"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"rank_{rank}.json"
+        self.rank = rank
+
+    def beat(self, step: int, phase: str) -> None:
+        record = {
+            "rank": self.rank,
+            "step": step,
+            "phase": phase,
+            "time": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.path)
+
+    def laggards(self) -> list[dict[str, Any]]:
+        """The ranks whose heartbeat shows the lowest step (the likely culprits of a hang)."""
+        beats = []
+        for f in self.dir.glob("rank_*.json"):
+            try:
+                beats.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                continue
+        if not beats:
+            return []
+        lowest = min(b["step"] for b in beats)
+        return sorted((b for b in beats if b["step"] == lowest), key=lambda b: b["rank"])
+
+
+class Watchdog:
+    """Ends this rank when it makes no progress for ``timeout_s`` (a hung peer or collective).
+
+    The message names what this rank was doing and, from the heartbeats, the
+    ranks that fell behind; the exit makes the launcher stop the whole job
+    instead of leaving it hanging for hours.
+    """
+
+    def __init__(self, heartbeat: Heartbeat, *, timeout_s: float) -> None:
+        self.heartbeat = heartbeat
+        self.timeout_s = timeout_s
+        self.step, self.phase = 0, "start-up"
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def progress(self, step: int, phase: str) -> None:
+        self.step, self.phase, self._last = step, phase, time.monotonic()
+        self.heartbeat.beat(step, phase)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                behind = ", ".join(
+                    f"rank {b['rank']} ({b['host']}, step {b['step']}, {b['phase']})"
+                    for b in self.heartbeat.laggards()
+                    if b["rank"] != self.heartbeat.rank
+                )
+                print(
+                    f"HangError: rank {self.heartbeat.rank} made no progress for {idle:.0f}s "
+                    f"(faults.hang_timeout_s={self.timeout_s:g}) in {self.phase} at step "
+                    f"{self.step}; furthest behind: {behind or 'none seen'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(EXIT_HANG)

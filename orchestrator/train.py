@@ -33,7 +33,7 @@ from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
 from orchestrator.dist_env import init_process_group, read_env
-from orchestrator.faults import EXIT_REQUEUE, StopRequest
+from orchestrator.faults import EXIT_REQUEUE, Heartbeat, StopRequest, Watchdog
 from orchestrator.metrics import MetricsWriter, StepMetrics, progress_line
 from orchestrator.plan import Plan, resolve_plan
 from orchestrator.weights import read_pretrained
@@ -45,7 +45,8 @@ def train(cfg: Config, run_dir: Path) -> int:
     """Train one rank; returns the exit code (0, or ``EXIT_REQUEUE`` after a stop signal)."""
     stop = StopRequest()  # first: a signal during start-up is honoured at the first step
     env = read_env()
-    device = init_process_group(env)
+    # Collectives time out well after the watchdog, so its clearer message comes first.
+    device = init_process_group(env, timeout_s=2 * cfg.faults.hang_timeout_s)
     ds_engine.init_deepspeed_comm()
     _setup_logging(env.rank)
     plan = resolve_plan(cfg)
@@ -66,6 +67,8 @@ def train(cfg: Config, run_dir: Path) -> int:
     model = model.to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
     start_step = _resume(engine, cfg, run_dir, data)
+    watchdog = Watchdog(Heartbeat(run_dir, env.rank), timeout_s=cfg.faults.hang_timeout_s)
+    watchdog.start().progress(start_step, "first step")
     writer = MetricsWriter(run_dir / "metrics.jsonl") if env.rank == 0 else None
     tokens_per_step = plan.global_batch_size * plan.seq_len
 
@@ -73,6 +76,7 @@ def train(cfg: Config, run_dir: Path) -> int:
         interval = cfg.train.eval_interval
         if valid_data is None or not interval or (step % interval and step != cfg.train.steps):
             return
+        watchdog.progress(step, "evaluation")
         loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
         if writer is not None:
             writer.write_eval(step, loss)
@@ -85,6 +89,7 @@ def train(cfg: Config, run_dir: Path) -> int:
             )
 
     def save(step: int) -> None:
+        watchdog.progress(step, "checkpoint save")
         state = checkpoint.TrainingState(step, step * tokens_per_step, data.state_dict())
         path = checkpoint.save(engine, run_dir, state, keep=cfg.checkpoint.keep)
         log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
@@ -94,6 +99,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     if start_step == 0:
         evaluate(0)
     for step in range(start_step, cfg.train.steps):
+        watchdog.progress(step, f"training step {step + 1}")
         start = time.perf_counter()
         lr = engine.get_lr()[0]
         if plan.pp > 1:
@@ -135,6 +141,7 @@ def train(cfg: Config, run_dir: Path) -> int:
 
     if writer is not None:
         writer.close()
+    watchdog.stop()
     _shutdown(engine)
     return EXIT_REQUEUE if stopping else 0
 
