@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from orchestrator.checkpoint import checkpoint_dir, latest_tag
 from orchestrator.faults import EXIT_REQUEUE
 from orchestrator.metrics import read_metrics
 from tests.distributed import run_ranks
+from tests.launch import run_launch, start_launch
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 COMMON = [
@@ -31,22 +30,8 @@ COMMON = [
 ]
 
 
-def _run(run_dir: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "run.py"),
-            *COMMON,
-            f"run.dir={run_dir}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
-    )
-    assert proc.returncode == expect, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def _run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return run_launch(*COMMON, f"run.dir={run_dir}", *overrides)
 
 
 def _tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -168,20 +153,7 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint(tmp_path: Path)
 
 def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path) -> None:
     run_dir = tmp_path / "signal"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "launch" / "run.py"),
-            *COMMON,
-            f"run.dir={run_dir}",
-            "parallel=tp2pp1",
-            "train.steps=100000",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    proc = start_launch(*COMMON, f"run.dir={run_dir}", "parallel=tp2pp1", "train.steps=100000")
     try:
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 180

@@ -6,42 +6,26 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.launch import start_launch, worker_pids
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _worker_pids(run_dir: Path) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", f"orchestrator.worker {run_dir}"], capture_output=True, text=True
-    )
-    return sorted(int(p) for p in out.stdout.split())
 
 
 def test_stopped_rank_trips_the_hang_timeout(tmp_path: Path) -> None:
     run_dir = tmp_path / "hang"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "launch" / "run.py"),
-            "model=tiny",
-            "data=synthetic",
-            "parallel=tp2pp1",
-            "train.steps=100000",
-            "train.log_interval=1",
-            "faults.hang_timeout_s=8",
-            f"run.dir={run_dir}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
+    proc = start_launch(
+        "model=tiny",
+        "data=synthetic",
+        "parallel=tp2pp1",
+        "train.steps=100000",
+        "train.log_interval=1",
+        "faults.hang_timeout_s=8",
+        f"run.dir={run_dir}",
     )
     stopped: list[int] = []
     try:
@@ -64,10 +48,10 @@ def test_stopped_rank_trips_the_hang_timeout(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in _worker_pids(run_dir):
+        for pid in worker_pids(run_dir):
             os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "rank 0 failed" in stderr, stderr[-2000:]
     assert "HangError: rank 0 made no progress" in stderr
     assert "furthest behind: rank 1" in stderr
-    assert _worker_pids(run_dir) == []
+    assert worker_pids(run_dir) == []

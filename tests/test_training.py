@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +17,8 @@ import pytest
 
 from orchestrator.metrics import read_metrics
 from orchestrator.schedule import lr_at
+from tests.launch import run_launch, start_launch, worker_pids
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
 RTOL = 1e-4
 # 16 samples repeating, a short warmup and a high peak: the loss falls from 7.6
@@ -31,10 +29,8 @@ LEARNABLE = ["data.num_samples=16", f"train.warmup_steps={WARMUP}", f"train.lr={
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _command(run_dir: Path, *overrides: str) -> list[str]:
+def _overrides(run_dir: Path, *overrides: str) -> list[str]:
     return [
-        sys.executable,
-        str(REPO / "launch" / "run.py"),
         "model=tiny",
         "data=synthetic",
         f"run.dir={run_dir}",
@@ -45,14 +41,7 @@ def _command(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def train(run_dir: Path, *overrides: str) -> list[dict[str, float]]:
-    proc = subprocess.run(
-        _command(run_dir, *LEARNABLE, *overrides),
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    run_launch(*_overrides(run_dir, *LEARNABLE, *overrides))
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -129,18 +118,11 @@ def test_logged_lr_follows_the_schedule(reference: list[dict[str, float]]) -> No
 
 def test_loss_falls_on_a_repeating_batch(tmp_path: Path) -> None:
     run_dir = tmp_path / "memorise"
-    proc = subprocess.run(
-        [
-            *_command(run_dir, "parallel=tp1pp1", "data.num_samples=8", "train.warmup_steps=5"),
-            "train.steps=150",
-            "train.log_interval=10",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
+    proc = run_launch(
+        *_overrides(run_dir, "parallel=tp1pp1", "data.num_samples=8", "train.warmup_steps=5"),
+        "train.steps=150",
+        "train.log_interval=10",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run_dir / "metrics.jsonl")
     first, last = metrics[0]["loss"], metrics[-1]["loss"]
     print(f"memorise: loss {first:.3f} at step 10 -> {last:.3f} at step 150")
@@ -162,35 +144,21 @@ def test_run_directory_contents(reference: list[dict[str, float]], tmp_path: Pat
 def test_failing_worker_fails_the_job(tmp_path: Path) -> None:
     # DeepSpeed rejects the unknown key on every rank at start-up.
     start = time.monotonic()
-    proc = subprocess.run(
-        _command(tmp_path / "bad", "parallel=tp2pp1", "+deepspeed.extra.zero_optimization.bogus=1"),
-        capture_output=True,
-        text=True,
+    proc = run_launch(
+        *_overrides(
+            tmp_path / "bad", "parallel=tp2pp1", "+deepspeed.extra.zero_optimization.bogus=1"
+        ),
+        expect=1,
         timeout=120,
-        cwd=REPO,
     )
-    assert proc.returncode != 0
     assert "error: rank 0 failed (exit code 1)" in proc.stderr, proc.stderr[-2000:]
     assert "ValidationError" in proc.stderr  # its last error line
     assert time.monotonic() - start < 90
 
 
-def _worker_pids(run_dir: Path) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", f"orchestrator.worker {run_dir}"], capture_output=True, text=True
-    )
-    return [int(p) for p in out.stdout.split()]
-
-
 def test_killed_worker_stops_the_job_within_seconds(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [*_command(run_dir, "parallel=tp2pp1"), "train.steps=100000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    proc = start_launch(*_overrides(run_dir, "parallel=tp2pp1"), "train.steps=100000")
     try:
         deadline = time.monotonic() + 180
         metrics = run_dir / "metrics.jsonl"
@@ -198,7 +166,7 @@ def test_killed_worker_stops_the_job_within_seconds(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
-        pids = _worker_pids(run_dir)
+        pids = worker_pids(run_dir)
         assert len(pids) == 2
         victim = max(pids)  # started second: rank 1
         os.kill(victim, signal.SIGKILL)
@@ -207,34 +175,25 @@ def test_killed_worker_stops_the_job_within_seconds(tmp_path: Path) -> None:
         assert time.monotonic() - killed_at < 30
         assert proc.returncode != 0
         assert "rank 1 failed (killed by SIGKILL)" in stderr, stderr[-2000:]
-        assert _worker_pids(run_dir) == []  # no worker left behind
+        assert worker_pids(run_dir) == []  # no worker left behind
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in _worker_pids(run_dir):
+        for pid in worker_pids(run_dir):
             os.kill(pid, signal.SIGKILL)
 
 
 def test_demo_run_learns_real_text(tmp_path: Path) -> None:
     """The README's default run, shortened: real text, tokenizer and shards from data/demo."""
     run_dir = tmp_path / "demo"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "run.py"),
-            f"run.dir={run_dir}",
-            "parallel=tp1pp2",
-            "train.steps=60",
-            "train.eval_interval=60",
-            "train.eval_iters=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
+    proc = run_launch(
+        f"run.dir={run_dir}",
+        "parallel=tp1pp2",
+        "train.steps=60",
+        "train.eval_interval=60",
+        "train.eval_iters=2",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     valid = read_metrics(run_dir / "metrics.jsonl", kind="valid")
     assert [v["step"] for v in valid] == [0, 60]
     print(f"demo: valid_loss {valid[0]['valid_loss']:.3f} -> {valid[1]['valid_loss']:.3f}")
@@ -251,24 +210,15 @@ def test_alpaca_fine_tuning_runs(tmp_path: Path) -> None:
     data_file = tmp_path / "alpaca.json"
     data_file.write_text(json.dumps(records))
     run_dir = tmp_path / "alpaca"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "run.py"),
-            f"run.dir={run_dir}",
-            "parallel=tp2pp1",
-            "data=alpaca",
-            f"data.alpaca_path={data_file}",
-            "data.tokenizer=data/demo/tokenizer.model",
-            "train.steps=30",
-            "train.log_interval=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
+    run_launch(
+        f"run.dir={run_dir}",
+        "parallel=tp2pp1",
+        "data=alpaca",
+        f"data.alpaca_path={data_file}",
+        "data.tokenizer=data/demo/tokenizer.model",
+        "train.steps=30",
+        "train.log_interval=1",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run_dir / "metrics.jsonl")
     assert len(metrics) == 30
     # the responses are nearly the same text: the loss on them falls quickly

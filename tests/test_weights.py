@@ -9,8 +9,6 @@ a run in another layout (weights re-sharded from tp2pp2 to tp1pp2 x dp2).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from orchestrator.data.synthetic import SyntheticData
 from orchestrator.export import main as export_main
 from orchestrator.metrics import read_metrics
 from orchestrator.weights import read_checkpoint
+from tests.launch import run_launch
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
@@ -31,14 +30,7 @@ BASE = ["model=tiny", "data=synthetic", "train.log_interval=1"]
 
 
 def _run(run_dir: Path, *overrides: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "run.py"), *BASE, f"run.dir={run_dir}", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run_launch(*BASE, f"run.dir={run_dir}", *overrides)
 
 
 def _tiny_args():  # the config the runs use

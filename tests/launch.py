@@ -1,0 +1,36 @@
+"""Run ``launch/run.py`` as a user would, from the tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(REPO / "launch" / "run.py")]
+
+
+def run_launch(
+    *overrides: str, expect: int = 0, timeout: float = 400
+) -> subprocess.CompletedProcess[str]:
+    """Run to completion; assert the exit code (output in the failure message)."""
+    proc = subprocess.run(
+        [*RUN, *overrides], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    assert proc.returncode == expect, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def start_launch(*overrides: str) -> subprocess.Popen[str]:
+    """Start in the background (the caller stops it)."""
+    return subprocess.Popen(
+        [*RUN, *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+
+
+def worker_pids(run_dir: Path) -> list[int]:
+    """The worker processes of a run still alive."""
+    out = subprocess.run(
+        ["pgrep", "-f", f"orchestrator.worker {run_dir}"], capture_output=True, text=True
+    )
+    return sorted(int(p) for p in out.stdout.split())
