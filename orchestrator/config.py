@@ -323,12 +323,21 @@ class CheckpointConfig:
 
 @dataclass
 class FaultsConfig:
-    """Hang detection: a rank without progress this long ends the job (also the collective timeout)."""
+    """Hangs and bad steps (see ``orchestrator.faults``)."""
 
-    hang_timeout_s: float = 900.0
+    hang_timeout_s: float = 900.0  # a rank without progress this long ends the job
+    max_consecutive_skips: int = 5  # NaN/Inf steps in a row before rolling back
+    spike_factor: float = 0.0  # roll back when loss > factor x recent mean; 0: off
+    spike_window: int = 50  # good steps in that mean
+    # Testing aid: make the loss NaN on the N-th global batches drawn (pp = 1 only).
+    inject_nan_at_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         _positive_float("faults.hang_timeout_s", self.hang_timeout_s)
+        _positive("faults.max_consecutive_skips", self.max_consecutive_skips)
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise _fail("faults.spike_factor", self.spike_factor, "must be 0 (off) or > 1")
+        _positive("faults.spike_window", self.spike_window)
 
 
 @dataclass

@@ -16,12 +16,15 @@ ranks fell behind, so the job fails in minutes instead of hanging for hours.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -135,3 +138,50 @@ class Watchdog:
                     flush=True,
                 )
                 os._exit(EXIT_HANG)
+
+
+@dataclass
+class Verdict:
+    skipped: bool = False
+    rollback: str = ""  # why the run must roll back to its last checkpoint ("" when not)
+
+
+class NumericsGuard:
+    """The OPT/metaseq policy on bad steps.
+
+    A step whose loss or gradient norm is NaN/Inf is not applied (DeepSpeed's
+    ZeRO-1/2 optimiser and fp16 loss scaling skip it) and is counted here.
+    After ``max_consecutive_skips`` such steps in a row, or a loss above
+    ``spike_factor`` times the mean of the last ``spike_window`` good steps,
+    the run rolls back to its last checkpoint and moves on past the batches
+    that caused it.
+    """
+
+    def __init__(
+        self, *, max_consecutive_skips: int, spike_factor: float, spike_window: int
+    ) -> None:
+        self.max_consecutive_skips = max_consecutive_skips
+        self.spike_factor = spike_factor
+        self.recent: deque[float] = deque(maxlen=spike_window)
+        self.skipped_total = 0
+        self.consecutive = 0
+
+    def observe(self, loss: float, *, skipped: bool) -> Verdict:
+        if skipped or not math.isfinite(loss):
+            self.skipped_total += 1
+            self.consecutive += 1
+            if self.consecutive >= self.max_consecutive_skips:
+                return Verdict(True, f"{self.consecutive} consecutive non-finite steps")
+            return Verdict(skipped=True)
+        self.consecutive = 0
+        full = len(self.recent) == self.recent.maxlen
+        if self.spike_factor and full:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.spike_factor * mean:
+                return Verdict(False, f"loss spike {loss:.4f} > {self.spike_factor:g} x {mean:.4f}")
+        self.recent.append(loss)
+        return Verdict()
+
+    def after_rollback(self) -> None:
+        self.consecutive = 0
+        self.recent.clear()

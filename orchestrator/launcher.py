@@ -9,6 +9,7 @@ its last error line: a dead peer never leaves the job hanging.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -35,6 +36,13 @@ def local_capacity(max_local_procs: int) -> tuple[int, str]:
     if torch.cuda.is_available():
         return torch.cuda.device_count(), "GPUs on this machine"
     return max_local_procs, "cluster.max_local_procs (CPU worker processes)"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGKILL if the launcher dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -111,6 +119,7 @@ def run_local(run_dir: Path, world_size: int) -> int:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: we can stop all it started
+                preexec_fn=_die_with_parent,
             )
             procs.append(proc)
             assert proc.stdout is not None

@@ -18,6 +18,7 @@ class StepMetrics:
     tokens_per_s: float
     consumed_tokens: int
     step_time_s: float
+    skipped_steps: int = 0  # non-finite steps not applied, so far
 
 
 def progress_line(m: StepMetrics, *, total_steps: int) -> str:
@@ -26,7 +27,8 @@ def progress_line(m: StepMetrics, *, total_steps: int) -> str:
     return (
         f"step {m.step}/{total_steps} | loss {m.loss:.4f} | lr {m.lr:.3e} | "
         f"grad_norm {grad_norm} | tokens/s {m.tokens_per_s:,.0f} | "
-        f"consumed_tokens {m.consumed_tokens:,} | step_time {m.step_time_s:.3f}s"
+        f"consumed_tokens {m.consumed_tokens:,} | step_time {m.step_time_s:.3f}s | "
+        f"skipped {m.skipped_steps}"
     )
 
 

@@ -123,6 +123,11 @@ def _check_training(cfg: Config, args: ModelArgs) -> int:
             "train.precision=bf16: needs parallel.zero_stage >= 1 "
             "(DeepSpeed's ZeRO-0 keeps bf16 gradients and drifts)"
         )
+    if cfg.faults.inject_nan_at_steps and cfg.parallel.pp > 1:
+        raise ValueError(
+            f"faults.inject_nan_at_steps={cfg.faults.inject_nan_at_steps}: supported with pp=1 only "
+            f"(pp={cfg.parallel.pp})"
+        )
     return seq_len
 
 

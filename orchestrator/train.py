@@ -33,7 +33,7 @@ from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
 from orchestrator.dist_env import init_process_group, read_env
-from orchestrator.faults import EXIT_REQUEUE, Heartbeat, StopRequest, Watchdog
+from orchestrator.faults import EXIT_REQUEUE, Heartbeat, NumericsGuard, StopRequest, Watchdog
 from orchestrator.metrics import MetricsWriter, StepMetrics, progress_line
 from orchestrator.plan import Plan, resolve_plan
 from orchestrator.weights import read_pretrained
@@ -95,32 +95,57 @@ def train(cfg: Config, run_dir: Path) -> int:
         log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
 
     batches = iter(data)
+    guard = NumericsGuard(
+        max_consecutive_skips=cfg.faults.max_consecutive_skips,
+        spike_factor=cfg.faults.spike_factor,
+        spike_window=cfg.faults.spike_window,
+    )
     stopping = False
     if start_step == 0:
         evaluate(0)
-    for step in range(start_step, cfg.train.steps):
+    step = start_step
+    while step < cfg.train.steps:
         watchdog.progress(step, f"training step {step + 1}")
         start = time.perf_counter()
         lr = engine.get_lr()[0]
+        skips_before = engine.skipped_steps
         if plan.pp > 1:
             loss = float(engine.train_batch(data_iter=batches))
             grad_norm = engine.get_global_grad_norm()
         else:
-            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups)
+            batch_number = int(data.state_dict()["position"]) // plan.num_micro_batches + 1
+            poison = batch_number in cfg.faults.inject_nan_at_steps
+            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, poison)
         elapsed = time.perf_counter() - start
         done = step + 1
-        if writer is not None and (done % cfg.train.log_interval == 0 or done == cfg.train.steps):
+        verdict = guard.observe(loss, skipped=engine.skipped_steps > skips_before)
+        if writer is not None and (
+            verdict.skipped or done % cfg.train.log_interval == 0 or done == cfg.train.steps
+        ):
             metrics = StepMetrics(
                 step=done,
                 loss=loss,
                 lr=lr,
                 grad_norm=None if grad_norm is None else float(grad_norm),
                 tokens_per_s=tokens_per_step / elapsed,
-                consumed_tokens=done * tokens_per_step,
+                consumed_tokens=_consumed_tokens(data, plan),
                 step_time_s=elapsed,
+                skipped_steps=guard.skipped_total,
             )
             writer.write(metrics)
             log.info(progress_line(metrics, total_steps=cfg.train.steps))
+        if verdict.skipped:
+            log.warning(
+                "step %d/%d | skipped: loss %s, grad_norm %s (not applied)",
+                done,
+                cfg.train.steps,
+                loss,
+                grad_norm,
+            )
+        if verdict.rollback:
+            step = _roll_back(engine, run_dir, verdict.rollback, done)
+            guard.after_rollback()
+            continue
         evaluate(done)
         interval = cfg.checkpoint.interval
         stopping = stop.agreed() and done < cfg.train.steps
@@ -138,6 +163,7 @@ def train(cfg: Config, run_dir: Path) -> int:
         if exiting:
             log.info("step %d/%d | train.exit_at_step reached", done, cfg.train.steps)
             break
+        step = done
 
     if writer is not None:
         writer.close()
@@ -155,6 +181,28 @@ def _load_pretrained(model: torch.nn.Module, cfg: Config, plan: Plan) -> None:
     else:
         model.load_full_state_dict(state)  # type: ignore[operator]
     log.info("initialised from %s", cfg.model.init_from)
+
+
+def _consumed_tokens(data: MicroBatchSource, plan: Plan) -> int:
+    """Tokens of every sample handed out so far (rollbacks move data forward, not back)."""
+    micro_batches = int(data.state_dict()["position"])
+    return micro_batches * plan.micro_batch_size * plan.dp * plan.seq_len
+
+
+def _roll_back(engine: Any, run_dir: Path, why: str, step: int) -> int:
+    """Reload the last checkpoint; the data stream goes on past the offending batches."""
+    tag = checkpoint.latest_tag(run_dir)
+    if tag is None:
+        raise RuntimeError(f"step {step}: {why}, and there is no checkpoint to roll back to")
+    state = checkpoint.load(engine, run_dir, tag)
+    log.warning(
+        "step %d | %s: rolled back to %s (step %d); data continues past the bad batches",
+        step,
+        why,
+        tag,
+        state.step,
+    )
+    return state.step
 
 
 def _resume(engine: Any, cfg: Config, run_dir: Path, data: MicroBatchSource) -> int:
@@ -191,7 +239,12 @@ def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Modu
 
 
 def _data_parallel_step(
-    engine: Any, model: Any, batches: Iterator[Batch], plan: Plan, groups: ProcessGroups
+    engine: Any,
+    model: Any,
+    batches: Iterator[Batch],
+    plan: Plan,
+    groups: ProcessGroups,
+    poison: bool = False,
 ) -> tuple[float, float | None]:
     """One optimiser step as ``num_micro_batches`` forward/backward passes.
 
@@ -204,6 +257,8 @@ def _data_parallel_step(
         inputs, labels = next(batches)
         labels = labels.to(device)
         loss = masked_mean(model.loss(engine(inputs.to(device)), labels), labels)
+        if poison:
+            loss = loss * float("nan")  # faults.inject_nan_at_steps
         engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
         if micro == plan.num_micro_batches - 1 and plan.zero_stage == 0:
             # DeepSpeed keeps no norm at ZeRO-0: take it before the step clips.

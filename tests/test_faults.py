@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.launch import start_launch, worker_pids
+from orchestrator.checkpoint import checkpoint_dir
+from orchestrator.metrics import read_metrics
+from tests.launch import run_launch, start_launch, worker_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -55,3 +59,54 @@ def test_stopped_rank_trips_the_hang_timeout(tmp_path: Path) -> None:
     assert "HangError: rank 0 made no progress" in stderr
     assert "furthest behind: rank 1" in stderr
     assert worker_pids(run_dir) == []
+
+
+NAN_RUN = [
+    "model=tiny",
+    "data=synthetic",
+    "data.num_samples=16",
+    "parallel=tp1pp1",
+    "parallel.dp=2",
+    "train.steps=8",
+    "train.log_interval=1",
+]
+
+
+def _module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True)
+    return state["module"]
+
+
+def test_injected_nan_step_is_skipped_and_logged(tmp_path: Path) -> None:
+    poisoned, clean = tmp_path / "poisoned", tmp_path / "clean"
+    proc = run_launch(
+        *NAN_RUN, f"run.dir={poisoned}", "faults.inject_nan_at_steps=[3]", "train.exit_at_step=3"
+    )
+    assert "step 3/8 | skipped: loss nan" in proc.stdout
+    record = read_metrics(poisoned / "metrics.jsonl")[-1]
+    assert record["step"] == 3 and math.isnan(record["loss"]) and record["skipped_steps"] == 1
+    run_launch(*NAN_RUN, f"run.dir={clean}", "train.exit_at_step=2")
+    # no update: the weights after the skipped step 3 are those after step 2, bit for bit
+    after_skip = _module_weights(checkpoint_dir(poisoned) / "step_00000003")
+    before = _module_weights(checkpoint_dir(clean) / "step_00000002")
+    assert after_skip.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after_skip[name], before[name]), name
+
+
+def test_consecutive_skips_roll_back_to_the_last_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rollback"
+    proc = run_launch(
+        *NAN_RUN,
+        f"run.dir={run_dir}",
+        "faults.inject_nan_at_steps=[5,6]",
+        "faults.max_consecutive_skips=2",
+        "checkpoint.interval=4",
+    )
+    assert "2 consecutive non-finite steps: rolled back to step_00000004 (step 4)" in proc.stdout
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    steps = [int(m["step"]) for m in metrics]
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # steps 5-6 again, on the next batches
+    assert all(math.isfinite(m["loss"]) for m in metrics[6:])
+    # the data moved on: 10 steps' worth of samples were consumed for 8 steps of progress
+    assert metrics[-1]["consumed_tokens"] == 10 * 8 * 128
