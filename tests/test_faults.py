@@ -110,3 +110,22 @@ def test_consecutive_skips_roll_back_to_the_last_checkpoint(tmp_path: Path) -> N
     assert all(math.isfinite(m["loss"]) for m in metrics[6:])
     # the data moved on: 10 steps' worth of samples were consumed for 8 steps of progress
     assert metrics[-1]["consumed_tokens"] == 10 * 8 * 128
+
+
+def test_numerics_guard_policy() -> None:
+    from orchestrator.faults import NumericsGuard
+
+    guard = NumericsGuard(max_consecutive_skips=2, spike_factor=2.0, spike_window=3)
+    assert guard.observe(4.0, skipped=False).rollback == ""
+    assert guard.observe(float("nan"), skipped=False).skipped  # a NaN loss is a skip
+    assert guard.observe(4.0, skipped=False).rollback == ""  # the run of skips is broken
+    assert guard.observe(3.0, skipped=True).skipped  # DeepSpeed skipped: inf grad norm
+    verdict = guard.observe(3.0, skipped=True)
+    assert verdict.skipped and verdict.rollback == "2 consecutive non-finite steps"
+    guard.after_rollback()
+    for loss in (3.0, 3.0, 3.0):
+        assert guard.observe(loss, skipped=False).rollback == ""
+    assert guard.observe(5.9, skipped=False).rollback == ""  # below 2 x 3.0
+    # the window is now (3.0, 3.0, 5.9), mean 3.97: 8.5 is a spike
+    assert guard.observe(8.5, skipped=False).rollback.startswith("loss spike 8.5000 > 2 x 3.9667")
+    assert guard.skipped_total == 3
