@@ -330,10 +330,11 @@ def _encode_all(
             yield encode(batch), reader.bytes_read
         return
     context = multiprocessing.get_context(_START_METHOD)
-    with context.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
-        # A bounded window rather than imap: imap's feeder thread would read
-        # ahead without limit, and errors from reading would surface late.
-        pending: deque[tuple[AsyncResult[_BatchResult], int]] = deque()
+    pool = context.Pool(workers, initializer=_init_worker, initargs=encoder_args)
+    # A bounded window rather than imap: imap's feeder thread would read
+    # ahead without limit, and errors from reading would surface late.
+    pending: deque[tuple[AsyncResult[_BatchResult], int]] = deque()
+    try:
         for batch in batches:
             pending.append((pool.apply_async(_encode_in_worker, (batch,)), reader.bytes_read))
             if len(pending) >= 2 * workers:
@@ -342,6 +343,14 @@ def _encode_all(
         while pending:
             result, position = pending.popleft()
             yield result.get(), position
+    finally:
+        # Stopped early (an error, Ctrl-C, the consumer gone): let the batches
+        # in flight finish and close the pool. Pool.terminate() here could kill
+        # a worker holding the result queue's lock and deadlock the pool.
+        for result, _ in pending:
+            result.wait(timeout=60)
+        pool.close()
+        pool.join()
 
 
 def preprocess(
