@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.data.preprocess import preprocess, read_documents
+from orchestrator.data.documents import read_documents
+from orchestrator.data.preprocess import preprocess
 from orchestrator.data.tokenizer import Tokenizer, train_tokenizer
 
 _SYLLABLES = [

@@ -126,7 +126,7 @@ def train_tokenizer(
     """
     # The preprocessor owns the input formats; imported here because it
     # imports this module.
-    from orchestrator.data.preprocess import check_inputs
+    from orchestrator.data.documents import check_inputs
 
     if vocab_size < 1:
         raise ValueError(f"vocab_size={vocab_size}: must be >= 1")
@@ -168,7 +168,7 @@ def train_tokenizer(
 
 
 def _training_lines(inputs: Sequence[Path], *, text_split: str) -> Iterator[str]:
-    from orchestrator.data.preprocess import read_documents
+    from orchestrator.data.documents import read_documents
 
     for text in read_documents(inputs, text_split=text_split):
         for line in text.splitlines():
