@@ -142,7 +142,6 @@ class LlamaPipeline(PipelineModule):
         if len(stage_layers) != groups.pp_size:
             raise ValueError(f"{len(stage_layers)} stage splits for pp({groups.pp_size})")
         self._parts = stage_boundaries(stage_layers)
-        self.tp_group_for_loading = groups.tp_group
         sp = sequence_parallel and groups.tp_size > 1
         common = dict(tp_group=groups.tp_group, sequence_parallel=sp, seed=seed)
         specs: list[LayerSpec] = [LayerSpec(EmbeddingPipe, args, **common)]
@@ -160,6 +159,7 @@ class LlamaPipeline(PipelineModule):
             loss_fn=PipelineLoss(tp_group=groups.tp_group, vocab_size=args.vocab_size),
             partition_method="uniform",  # replaced by _partition_layers below
         )
+        self.tp_group = groups.tp_group
 
     def _partition_layers(self, method: str = "uniform") -> None:
         self.parts = self._parts
@@ -167,7 +167,7 @@ class LlamaPipeline(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
-def load_stage_state_dict(pipeline: PipelineModule, state: dict[str, torch.Tensor]) -> None:
+def load_stage_state_dict(pipeline: LlamaPipeline, state: dict[str, torch.Tensor]) -> None:
     """Load this rank's stage (and tp shard) from a full state dict with Meta's names."""
     from model_parallel.layers import load_shard_
     from model_parallel.mappings import group_rank
@@ -177,8 +177,9 @@ def load_stage_state_dict(pipeline: PipelineModule, state: dict[str, torch.Tenso
         if isinstance(module, BlockPipe):
             prefix, target = f"layers.{module.layer_id}.", module.block
         for name, param in target.named_parameters():
-            full = state[prefix + name]
-            group = getattr(pipeline, "tp_group_for_loading", None)
             load_shard_(
-                param, full.to(param.dtype), tp_rank=group_rank(group), tp_size=group_size(group)
+                param,
+                state[prefix + name].to(param.dtype),
+                tp_rank=group_rank(pipeline.tp_group),
+                tp_size=group_size(pipeline.tp_group),
             )

@@ -16,7 +16,7 @@ than one section (world size, divisibility by tp, layers over pp, ...) live in
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +81,8 @@ class ModelConfig:
     init_from: str | None = None
 
     def to_args(self) -> ModelArgs:
-        return ModelArgs(
-            dim=self.dim,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            vocab_size=self.vocab_size,
-            multiple_of=self.multiple_of,
-            ffn_dim_multiplier=self.ffn_dim_multiplier,
-            norm_eps=self.norm_eps,
-            max_seq_len=self.max_seq_len,
-            rope_theta=self.rope_theta,
-            init_std=self.init_std,
-        )
+        """The shape fields, as the model package takes them."""
+        return ModelArgs(**{f.name: getattr(self, f.name) for f in fields(ModelArgs)})
 
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):

@@ -63,7 +63,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     )
     model = build_model(cfg, plan, groups)
     if cfg.model.init_from and checkpoint.latest_tag(run_dir) is None:
-        _load_pretrained(model, cfg, plan)
+        _load_pretrained(model, cfg)
     model = model.to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
     start_step = _resume(engine, cfg, run_dir, data)
@@ -172,14 +172,15 @@ def train(cfg: Config, run_dir: Path) -> int:
     return EXIT_REQUEUE if stopping else 0
 
 
-def _load_pretrained(model: torch.nn.Module, cfg: Config, plan: Plan) -> None:
+def _load_pretrained(model: torch.nn.Module, cfg: Config) -> None:
     """Replace the random init by ``model.init_from``'s weights (Hugging Face or Meta)."""
     assert cfg.model.init_from is not None
     state = read_pretrained(Path(cfg.model.init_from), cfg.model.to_args())
-    if plan.pp > 1:
+    if isinstance(model, LlamaPipeline):
         load_stage_state_dict(model, state)
     else:
-        model.load_full_state_dict(state)  # type: ignore[operator]
+        assert isinstance(model, Transformer)
+        model.load_full_state_dict(state)
     log.info("initialised from %s", cfg.model.init_from)
 
 
