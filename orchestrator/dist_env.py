@@ -68,10 +68,11 @@ HostResolver = Callable[[str], str]
 
 
 def started_by(environ: Mapping[str, str] | None = None) -> str | None:
-    """ "torchrun", "slurm", "mpi", or None when no launcher started this process.
+    """Which launcher started this process: "torchrun", "slurm", "mpi", or None.
 
-    None also for the batch shell of an sbatch job or salloc's shell: they are
-    inside an allocation but are not tasks of a job step.
+    None for a login shell, and also for the batch shell of an sbatch job or
+    salloc's shell: they are inside an allocation but not tasks of a job step.
+    After ``init_process_group`` it is "torchrun" (it exports those variables).
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +22,8 @@ from orchestrator.dist_env import (
     started_by,
     tasks_per_node,
 )
+from tests.launch import REPO
+from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
 
 TORCHRUN = {
     "RANK": "5",
@@ -389,3 +394,81 @@ def test_mpi_discovery_is_injectable() -> None:
     environ = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}
     assert read_env(environ, mpi_discover=discover).rank == 5
     assert seen == [environ]
+
+
+# -- the same against a real SLURM (tests/slurm_cluster.py: two emulated nodes) -----------
+
+REPORT = (
+    "import dataclasses, json, os, sys\n"
+    "from orchestrator.dist_env import read_env, started_by\n"
+    "try:\n"
+    "    found = dataclasses.asdict(read_env())\n"
+    "except RuntimeError as err:\n"
+    "    found = str(err)\n"
+    "name = f\"{sys.argv[1]}-{os.environ.get('SLURM_PROCID')}-{os.environ.get('PMI_RANK')}\"\n"
+    "with open(os.path.join(sys.argv[2], name), 'w') as f:\n"
+    "    json.dump([started_by(), found], f)\n"
+)
+
+
+@pytest.mark.timeout(180)
+def test_real_slurm_batch_shell_steps_and_mpiexec(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Batch shell: no launcher. srun tasks: SLURM, rendezvous from scontrol and the job id.
+
+    mpiexec in the batch shell starts its per-node proxies as a one-task-per-node
+    srun step; its ranks inherit that step's variables and must still be "mpi".
+    """
+    (tmp_path / "report.py").write_text(REPORT)
+    out = tmp_path / "out"
+    out.mkdir()
+    report = f"python3 {tmp_path / 'report.py'}"
+    mpi = f"mpiexec -n 4 {report} mpiexec {out}" if shutil.which("mpiexec") else ""
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH -N2 --ntasks-per-node=2 -c1\n"
+        f"#SBATCH -o {tmp_path / 'job.out'}\n"
+        f"export PYTHONPATH={REPO} OMP_NUM_THREADS=1\n"
+        "unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE\n"
+        f"{report} batch {out}\n"
+        f"srun {report} step {out}\n"
+        f"{mpi}\n"
+    )
+    job_id = slurm_cluster.submit(script)
+    result = slurm_cluster.wait_job(job_id, timeout_s=150)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert result.state == "COMPLETED", log
+    reports = {f.name: json.loads(f.read_text()) for f in out.iterdir()}
+
+    by, error = reports.pop("batch-0-None")
+    assert by is None and "SLURM allocation but not a job step" in error
+
+    steps = [DistEnv(**reports.pop(f"step-{r}-None")[1]) for r in range(4)]
+    assert [(e.rank, e.local_rank, e.node_rank) for e in steps] == [
+        (0, 0, 0),
+        (1, 1, 0),
+        (2, 0, 1),
+        (3, 1, 1),
+    ]
+    rendezvous = (slurm_cluster.node_addr("n1"), slurm_port(job_id))
+    assert {(e.world_size, e.local_world_size, e.num_nodes, e.launcher) for e in steps} == {
+        (4, 2, 2, "slurm")
+    }
+    assert {(e.master_addr, e.master_port) for e in steps} == {rendezvous}
+
+    if mpi:
+        ranks = [reports.pop(name) for name in sorted(reports) if name.startswith("mpiexec-")]
+        assert [by for by, _ in ranks] == ["mpi"] * 4, ranks
+        envs = sorted((DistEnv(**found) for _, found in ranks), key=lambda e: e.rank)
+        assert [(e.rank, e.local_rank, e.node_rank) for e in envs] == [
+            (0, 0, 0),
+            (1, 1, 0),
+            (2, 0, 1),
+            (3, 1, 1),
+        ]
+        assert {(e.world_size, e.local_world_size, e.num_nodes) for e in envs} == {(4, 2, 2)}
+        assert len({(e.master_addr, e.master_port) for e in envs}) == 1
+    assert not reports
