@@ -292,10 +292,17 @@ def _discover_with(mpi: Any, environ: Mapping[str, str]) -> DistEnv:
     if local_rank == 0:
         leaders.Free()
     node.Free()
-    rendezvous = None
+    rendezvous: tuple[str, int] | str | None = None
     if rank == 0:
-        rendezvous = _pick_rendezvous(environ, single_node=num_nodes == 1)
-    master_addr, master_port = world.bcast(rendezvous, root=0)
+        try:
+            rendezvous = _pick_rendezvous(environ, single_node=num_nodes == 1)
+        except RuntimeError as err:
+            rendezvous = str(err)  # every rank raises it, none waits forever
+    rendezvous = world.bcast(rendezvous, root=0)
+    if isinstance(rendezvous, str):
+        raise RuntimeError(f"mpi: rank 0 found no rendezvous: {rendezvous}")
+    assert rendezvous is not None
+    master_addr, master_port = rendezvous
     return _checked(
         DistEnv(
             rank=rank,

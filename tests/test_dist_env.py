@@ -324,7 +324,7 @@ class FakeComm:
         pass
 
 
-def fake_mpi(rank: int, hosts: list[int], rendezvous: tuple[str, int]) -> SimpleNamespace:
+def fake_mpi(rank: int, hosts: list[int], rendezvous: Any) -> SimpleNamespace:
     """Ranks placed on nodes ``hosts[rank]``; COMM_WORLD broadcasts ``rendezvous``."""
     node = hosts[rank]
     node_ranks = [r for r, h in enumerate(hosts) if h == node]
@@ -365,8 +365,21 @@ def test_mpi_rank0_picks_the_rendezvous() -> None:
         "h",
         9,
     )
-    addr, port = _pick_rendezvous({}, single_node=False)
-    assert not addr.startswith("127.") and 0 < port < 65536
+    try:
+        addr, port = _pick_rendezvous({}, single_node=False)
+    except RuntimeError as err:  # a host with no network at all
+        assert "set MASTER_ADDR" in str(err)
+    else:
+        assert not addr.startswith("127.") and 0 < port < 65536
+
+
+def test_mpi_rank0_error_reaches_every_rank() -> None:
+    # Rank 0 fails to pick the rendezvous; the others get its message instead of hanging.
+    mpi = fake_mpi(1, [0, 1], "cannot find a non-loopback address of h; set MASTER_ADDR")
+    with pytest.raises(RuntimeError, match="rank 0 found no rendezvous: cannot find"):
+        _discover_with(mpi, {})
+    with pytest.raises(RuntimeError, match="rank 0 found no rendezvous: MASTER_PORT='x'"):
+        _discover_with(fake_mpi(0, [0, 0], None), {"MASTER_PORT": "x"})
 
 
 def test_mpi_without_an_mpi_library_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
