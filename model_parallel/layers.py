@@ -55,21 +55,27 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def load_shard_(param: torch.Tensor, full: torch.Tensor, *, tp_rank: int, tp_size: int) -> None:
-    """Copy this rank's shard of ``full`` into ``param`` (zero-padding a padded axis)."""
+def shard_of(
+    full: torch.Tensor, param: torch.Tensor, *, tp_rank: int, tp_size: int
+) -> torch.Tensor:
+    """This rank's shard of ``full``, shaped like ``param`` (a padded axis zero-padded)."""
     if tuple(full.shape) != full_shape(param):
         raise ValueError(f"full tensor shape {tuple(full.shape)} != expected {full_shape(param)}")
+    if not is_sharded(param):
+        return full
+    dim = param.partition_dim  # type: ignore[attr-defined]
+    pad = param.shape[dim] * tp_size - full.shape[dim]
+    if pad:
+        pad_shape = list(full.shape)
+        pad_shape[dim] = pad
+        full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def load_shard_(param: torch.Tensor, full: torch.Tensor, *, tp_rank: int, tp_size: int) -> None:
+    """Copy this rank's shard of ``full`` into ``param`` (zero-padding a padded axis)."""
     with torch.no_grad():
-        if not is_sharded(param):
-            param.copy_(full)
-            return
-        dim = param.partition_dim  # type: ignore[attr-defined]
-        pad = param.shape[dim] * tp_size - full.shape[dim]
-        if pad:
-            pad_shape = list(full.shape)
-            pad_shape[dim] = pad
-            full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
-        param.copy_(full.chunk(tp_size, dim=dim)[tp_rank])
+        param.copy_(shard_of(full, param, tp_rank=tp_rank, tp_size=tp_size))
 
 
 def gather_full(param: torch.Tensor, group: Group) -> torch.Tensor:

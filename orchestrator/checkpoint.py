@@ -13,24 +13,31 @@ file, then ``os.replace``). A run killed while saving therefore leaves
 that the next save removes.
 
 Besides DeepSpeed's state a checkpoint holds the step, consumed tokens, the
-data position and the RNG states (``client_state``).
+data position and the RNG states (``client_state``), and ``layout.json``: the
+layout that wrote it. DeepSpeed's loader takes a checkpoint only under that
+layout; ``orchestrator.reshard`` moves it to any other.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
+
 _NAME = re.compile(r"^step_(\d{8})$")
+LAYOUT_FILE = "layout.json"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -50,6 +57,44 @@ def latest_tag(run_dir: Path) -> str | None:
     return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
 
 
+@dataclass(frozen=True)
+class LayoutRecord:
+    """What must match for DeepSpeed's own loader to take a checkpoint."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    stage_layers: list[list[int]]
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> LayoutRecord:
+        return cls(
+            tp=plan.tp,
+            pp=plan.pp,
+            dp=plan.dp,
+            zero_stage=plan.zero_stage,
+            micro_batch_size=plan.micro_batch_size,
+            stage_layers=[list(s) for s in plan.stage_layers],
+        )
+
+    def describe(self) -> str:
+        return f"tp{self.tp}pp{self.pp}dp{self.dp} zero{self.zero_stage} mb{self.micro_batch_size}"
+
+
+def write_layout(path: Path, record: LayoutRecord) -> None:
+    (path / LAYOUT_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
+
+
+def read_layout(path: Path) -> LayoutRecord | None:
+    """The layout a checkpoint was written with (None for one written before we recorded it)."""
+    file = path / LAYOUT_FILE
+    if not file.is_file():
+        return None
+    return LayoutRecord(**json.loads(file.read_text()))
+
+
 @dataclass
 class TrainingState:
     """What a resumed run needs besides DeepSpeed's own state."""
@@ -57,6 +102,7 @@ class TrainingState:
     step: int
     consumed_tokens: int
     data: dict[str, Any]
+    layout: LayoutRecord | None = None  # recorded in layout.json (re-sharding reads it)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -96,6 +142,8 @@ def save(engine: Any, run_dir: Path, state: TrainingState, *, keep: int) -> Path
         "rng": _rng_state(),
     }
     engine.save_checkpoint(str(root), tag=partial, client_state=client_state, save_latest=False)
+    if rank == 0 and state.layout is not None:
+        write_layout(root / partial, state.layout)
     dist.barrier()  # every rank has written its part
     if rank == 0:
         final = root / tag

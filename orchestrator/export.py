@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.checkpoint import checkpoint_dir, latest_tag
+from orchestrator.checkpoint import LayoutRecord, checkpoint_dir, latest_tag, read_layout
 from orchestrator.config import load_config
 from orchestrator.plan import resolve_plan
 from orchestrator.weights import read_checkpoint, write_hf
@@ -22,17 +22,19 @@ from orchestrator.weights import read_checkpoint, write_hf
 
 def export(run_dir: Path, out: Path, *, tag: str | None = None) -> Path:
     cfg = load_config(run_dir / "config.yaml")
-    plan = resolve_plan(cfg)
-    if plan.zero_stage == 3:
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise ValueError(f"{run_dir}: no complete checkpoint (checkpoints/latest)")
+    path = checkpoint_dir(run_dir) / tag
+    # The checkpoint's own layout (a re-sharded run's config may have moved on).
+    layout = read_layout(path) or LayoutRecord.from_plan(resolve_plan(cfg))
+    if layout.zero_stage == 3:
         raise ValueError(
             "ZeRO-3 checkpoints keep the weights in partitioned optimiser files; "
             "export supports ZeRO 0-2"
         )
-    tag = tag or latest_tag(run_dir)
-    if tag is None:
-        raise ValueError(f"{run_dir}: no complete checkpoint (checkpoints/latest)")
     args = cfg.model.to_args()
-    state = read_checkpoint(checkpoint_dir(run_dir) / tag, args, tp=plan.tp, pp=plan.pp)
+    state = read_checkpoint(path, args, tp=layout.tp, pp=layout.pp)
     tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
     write_hf(state, args, out, tokenizer=tokenizer)
     return out

@@ -27,7 +27,7 @@ from model_parallel.groups import ProcessGroups
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer
 from model_parallel.pipeline import LlamaPipeline, load_stage_state_dict
-from orchestrator import checkpoint
+from orchestrator import checkpoint, reshard
 from orchestrator import engine as ds_engine
 from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
@@ -66,7 +66,9 @@ def train(cfg: Config, run_dir: Path) -> int:
         _load_pretrained(model, cfg)
     model = model.to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
-    start_step = _resume(engine, cfg, run_dir, data)
+    layout = checkpoint.LayoutRecord.from_plan(plan)
+    tag = checkpoint.latest_tag(run_dir) if cfg.run.resume == "auto" else None
+    start_step = 0 if tag is None else _restore(engine, cfg, plan, groups, run_dir, tag, data)
     watchdog = Watchdog(Heartbeat(run_dir, env.rank), timeout_s=cfg.faults.hang_timeout_s)
     watchdog.start().progress(start_step, "first step")
     writer = MetricsWriter(run_dir / "metrics.jsonl") if env.rank == 0 else None
@@ -90,7 +92,7 @@ def train(cfg: Config, run_dir: Path) -> int:
 
     def save(step: int) -> None:
         watchdog.progress(step, "checkpoint save")
-        state = checkpoint.TrainingState(step, step * tokens_per_step, data.state_dict())
+        state = checkpoint.TrainingState(step, step * tokens_per_step, data.state_dict(), layout)
         path = checkpoint.save(engine, run_dir, state, keep=cfg.checkpoint.keep)
         log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
 
@@ -143,7 +145,7 @@ def train(cfg: Config, run_dir: Path) -> int:
                 grad_norm,
             )
         if verdict.rollback:
-            step = _roll_back(engine, run_dir, verdict.rollback, done)
+            step = _roll_back(engine, cfg, plan, groups, run_dir, data, verdict.rollback, done)
             guard.after_rollback()
             continue
         evaluate(done)
@@ -190,30 +192,74 @@ def _consumed_tokens(data: MicroBatchSource, plan: Plan) -> int:
     return micro_batches * plan.micro_batch_size * plan.dp * plan.seq_len
 
 
-def _roll_back(engine: Any, run_dir: Path, why: str, step: int) -> int:
+def _roll_back(
+    engine: Any,
+    cfg: Config,
+    plan: Plan,
+    groups: ProcessGroups,
+    run_dir: Path,
+    data: MicroBatchSource,
+    why: str,
+    step: int,
+) -> int:
     """Reload the last checkpoint; the data stream goes on past the offending batches."""
     tag = checkpoint.latest_tag(run_dir)
     if tag is None:
         raise RuntimeError(f"step {step}: {why}, and there is no checkpoint to roll back to")
-    state = checkpoint.load(engine, run_dir, tag)
+    position = data.state_dict()
+    restored = _restore(engine, cfg, plan, groups, run_dir, tag, data)
+    data.load_state_dict(position)
     log.warning(
         "step %d | %s: rolled back to %s (step %d); data continues past the bad batches",
         step,
         why,
         tag,
-        state.step,
+        restored,
     )
-    return state.step
+    return restored
 
 
-def _resume(engine: Any, cfg: Config, run_dir: Path, data: MicroBatchSource) -> int:
-    """Load ``checkpoints/latest`` when ``run.resume=auto`` finds one; the step to start at."""
-    tag = checkpoint.latest_tag(run_dir) if cfg.run.resume == "auto" else None
-    if tag is None:
-        return 0
-    state = checkpoint.load(engine, run_dir, tag)
+def _restore(
+    engine: Any,
+    cfg: Config,
+    plan: Plan,
+    groups: ProcessGroups,
+    run_dir: Path,
+    tag: str,
+    data: MicroBatchSource,
+) -> int:
+    """Load checkpoint ``tag`` into the engine and the data position; the step to go on from.
+
+    A checkpoint of this layout goes through DeepSpeed's loader (bit-exact);
+    one of another layout through the layout-free form (``orchestrator.reshard``).
+    """
+    path = checkpoint.checkpoint_dir(run_dir) / tag
+    saved = checkpoint.read_layout(path)
+    current = checkpoint.LayoutRecord.from_plan(plan)
+    if saved is None or saved == current:
+        state = checkpoint.load(engine, run_dir, tag)
+        log.info("resumed from %s at step %d", tag, state.step)
+    else:
+        if dist.get_rank() == 0:
+            reshard.write_universal(path, cfg.model.to_args())
+        dist.barrier()
+        state = reshard.load_universal(
+            engine,
+            path,
+            n_layers=cfg.model.n_layers,
+            pp=plan.pp,
+            tp_group=groups.tp_group,
+            dp=plan.dp,
+            micro_batch=plan.micro_batch_size,
+        )
+        log.info(
+            "resumed from %s at step %d, re-sharded from %s to %s",
+            tag,
+            state.step,
+            saved.describe(),
+            current.describe(),
+        )
     data.load_state_dict(state.data)
-    log.info("resumed from %s at step %d", tag, state.step)
     return state.step
 
 

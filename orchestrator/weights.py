@@ -45,7 +45,8 @@ def _tp_dim(name: str) -> int | None:
     return _TP_DIM.get(rest)
 
 
-def _merge_tp(shards: list[StateDict], args: ModelArgs) -> StateDict:
+def merge_tp(shards: list[StateDict], args: ModelArgs) -> StateDict:
+    """Full tensors from one state dict per tp rank (Meta names; vocab padding dropped)."""
     out: StateDict = {}
     for name in shards[0]:
         dim = _tp_dim(name)
@@ -70,7 +71,7 @@ def read_checkpoint(path: Path, args: ModelArgs, *, tp: int, pp: int) -> StateDi
         per_tp = [_load(f)["module"] for f in files]
     if len(per_tp) != tp or not all(per_tp):
         raise ValueError(f"{path}: expected model files of {tp} tensor-parallel ranks")
-    return _merge_tp(per_tp, args)
+    return merge_tp(per_tp, args)
 
 
 def _pipeline_names(state: StateDict, layer: int, n_layers: int) -> StateDict:
@@ -78,6 +79,14 @@ def _pipeline_names(state: StateDict, layer: int, n_layers: int) -> StateDict:
     if 1 <= layer <= n_layers:
         return {f"layers.{layer - 1}.{k.removeprefix('block.')}": v for k, v in state.items()}
     return dict(state)
+
+
+def global_name(name: str, n_layers: int, pp: int) -> str:
+    """Meta's name of a module parameter: the pipeline's ``3.block.x`` is ``layers.2.x``."""
+    if pp == 1:
+        return name
+    layer, rest = name.split(".", 1)
+    return next(iter(_pipeline_names({rest: torch.empty(0)}, int(layer), n_layers)))
 
 
 def read_hf(directory: Path, args: ModelArgs) -> StateDict:
