@@ -77,16 +77,19 @@ def mpiexec(num_ranks: int, *command: str, timeout: float) -> subprocess.Complet
 
 
 @pytest.mark.timeout(120)
-def test_ranks_discover_their_place_and_the_rendezvous() -> None:
+def test_ranks_discover_their_place_and_the_rendezvous(tmp_path: Path) -> None:
+    # Each rank writes its own file: mpiexec interleaves the ranks' stdout.
     script = (
-        "import dataclasses, json\n"
+        "import dataclasses, json, sys\n"
         "from orchestrator.dist_env import read_env, started_by\n"
-        "print('found', started_by(), json.dumps(dataclasses.asdict(read_env())), flush=True)\n"
+        "env = read_env()\n"
+        "with open(f'{sys.argv[1]}/rank_{env.rank}.json', 'w') as f:\n"
+        "    json.dump([started_by(), dataclasses.asdict(env)], f)\n"
     )
-    out = mpiexec(2, sys.executable, "-c", script, timeout=100).stdout
-    found = [line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("found ")]
-    assert [by for by, _ in found] == ["mpi", "mpi"], out
-    envs = sorted((DistEnv(**json.loads(text)) for _, text in found), key=lambda e: e.rank)
+    mpiexec(2, sys.executable, "-c", script, str(tmp_path), timeout=100)
+    found = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert [by for by, _ in found] == ["mpi", "mpi"]
+    envs = [DistEnv(**fields) for _, fields in found]
     assert [(e.rank, e.local_rank) for e in envs] == [(0, 0), (1, 1)]
     assert {(e.world_size, e.local_world_size, e.node_rank, e.num_nodes) for e in envs} == {
         (2, 2, 0, 1)
