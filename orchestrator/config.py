@@ -27,13 +27,24 @@ from model_parallel.args import ModelArgs
 
 ACTIVATION_CHECKPOINTING = ("none", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
-LAUNCHERS = ("local",)
+LAUNCHERS = ("auto", "local", "slurm")
+SCHEDULERS = ("none", "slurm")
 DATA_KINDS = ("synthetic", "blended", "alpaca")
 RESUME_MODES = ("auto", "never")
 
 # SLURM --time formats: "minutes", "minutes:seconds", "hours:minutes:seconds",
 # "days-hours", "days-hours:minutes", "days-hours:minutes:seconds".
 _SLURM_TIME = re.compile(r"^\d+(:\d{1,2}){0,2}$|^\d+-\d{1,2}(:\d{1,2}){0,2}$")
+# SLURM names as #SBATCH lines take them unquoted: accounts, partitions (a
+# comma-separated list), job names. Anything else is refused rather than escaped.
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_SLURM_NAME_LIST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(,[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _slurm_name(field_name: str, value: str | None, pattern: re.Pattern[str] = _SLURM_NAME) -> None:
+    if value is not None and not pattern.match(value):
+        raise _fail(field_name, value, "must be a SLURM name: letters, digits and _ . + - only")
 
 
 def _fail(field_name: str, value: Any, rule: str) -> ValueError:
@@ -161,10 +172,17 @@ class ClusterConfig:
     device: str = MISSING
     device_memory_gb: float = MISSING
     peak_tflops: float = MISSING  # bf16 dense peak per device
+    # "slurm": launcher=auto submits a layout that does not fit on this machine
+    # with sbatch; "none": this machine only.
+    scheduler: str = "none"
     partition: str | None = None
+    partition_required: bool = False  # launcher=slurm refuses to submit without a partition
     account: str | None = None
     time_limit: str = "04:00:00"
     cpus_per_task: int = 1
+    # CPU clusters under SLURM (gpus_per_node == 0): ranks per node. None: all on one
+    # node. GPU clusters run one rank per GPU.
+    tasks_per_node: int | None = None
     exclusive: bool = False
     nccl_env: dict[str, str] = field(default_factory=dict)
     # The most worker processes launcher=local starts on one CPU machine (on a
@@ -179,6 +197,16 @@ class ClusterConfig:
         _positive_float("cluster.peak_tflops", self.peak_tflops)
         _positive("cluster.cpus_per_task", self.cpus_per_task)
         _positive("cluster.max_local_procs", self.max_local_procs)
+        if self.tasks_per_node is not None:
+            _positive("cluster.tasks_per_node", self.tasks_per_node)
+        _one_of("cluster.scheduler", self.scheduler, SCHEDULERS)
+        _slurm_name("cluster.partition", self.partition, _SLURM_NAME_LIST)
+        _slurm_name("cluster.account", self.account)
+        for key, value in self.nccl_env.items():
+            if not _ENV_NAME.match(key):
+                raise _fail(f"cluster.nccl_env.{key}", value, "the key must be a variable name")
+            if _has_control(str(value)):
+                raise _fail(f"cluster.nccl_env.{key}", value, "must not hold control characters")
         if not _SLURM_TIME.match(self.time_limit):
             raise _fail(
                 "cluster.time_limit",
@@ -331,6 +359,42 @@ class FaultsConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``launcher=slurm``: the generated sbatch script and its submission (see ``orchestrator.slurm``)."""
+
+    submit: bool = True  # false: write the run directory and the script, submit nothing
+    job_name: str | None = None  # None: llama-<model>-<parallel>
+    # SIGUSR1 this long before the time limit: every rank checkpoints and exits 75.
+    signal_grace_s: int = 600
+    requeue: bool = True  # requeue the job when its ranks stopped for time (exit 75)
+    max_requeues: int | None = None  # None: no bound (SLURM_RESTART_COUNT counts them)
+    # After the first rank exits, how long srun lets the others finish before killing
+    # them (a dead rank must not leave the rest hanging in a collective).
+    step_wait_s: int = 300
+    python: str | None = None  # interpreter on the compute nodes; None: this one
+    extra_sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--constraint=a100"]
+
+    def validate(self) -> None:
+        _slurm_name("slurm.job_name", self.job_name)
+        if not 1 <= self.signal_grace_s <= 65535:
+            raise _fail("slurm.signal_grace_s", self.signal_grace_s, "must be in [1, 65535]")
+        if self.max_requeues is not None:
+            _non_negative("slurm.max_requeues", self.max_requeues)
+        _positive("slurm.step_wait_s", self.step_wait_s)
+        if self.python is not None and (not self.python or _has_control(self.python)):
+            raise _fail("slurm.python", self.python, "must be a non-empty path")
+        for i, arg in enumerate(self.extra_sbatch_args):
+            if not arg.startswith("-") or _has_control(arg):
+                raise _fail(
+                    f"slurm.extra_sbatch_args[{i}]", arg, "must be one sbatch option (--name=value)"
+                )
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or c == "\x7f" for c in text)
+
+
+@dataclass
 class DeepSpeedSection:
     """Extra DeepSpeed config keys, merged into the JSON built from this config.
 
@@ -352,8 +416,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     dry_run: bool = False
-    launcher: str = "local"
+    # auto: one rank when srun/mpirun/torchrun started us; else local when the layout
+    # fits this machine; else sbatch when cluster.scheduler=slurm and sbatch is here.
+    launcher: str = "auto"
 
     def validate(self) -> None:
         """Each section's own rules; cross-section rules are in ``orchestrator.plan``."""
@@ -365,6 +432,7 @@ class Config:
         self.run.validate()
         self.checkpoint.validate()
         self.faults.validate()
+        self.slurm.validate()
         _one_of("launcher", self.launcher, LAUNCHERS)
 
 
@@ -376,9 +444,14 @@ def register_configs() -> None:
     ConfigStore.instance().store(name=BASE_CONFIG_NAME, node=Config)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what every rank of the run reads)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (what every rank of the run reads)."""
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    path.write_text(config_yaml(cfg))
 
 
 def load_config(path: Path) -> Config:

@@ -26,7 +26,7 @@ def test_default_config_is_typed_and_valid() -> None:
     assert isinstance(cfg.parallel, ParallelConfig) and cfg.parallel.name == "tp2pp2"
     assert isinstance(cfg.cluster, ClusterConfig) and cfg.cluster.name == "local"
     assert isinstance(cfg.train, TrainConfig)
-    assert cfg.dry_run is False and cfg.launcher == "local"
+    assert cfg.dry_run is False and cfg.launcher == "auto"
     assert cfg.cluster.gpus_per_node == 0 and cfg.cluster.nodes is None
     cfg.validate()
 
@@ -228,5 +228,5 @@ def test_slurm_time_limits(time_limit: str) -> None:
 def test_unknown_launcher() -> None:
     cfg = load()
     cfg.launcher = "kubernetes"
-    with pytest.raises(ValueError, match=r"^launcher=kubernetes: must be one of local"):
+    with pytest.raises(ValueError, match=r"^launcher=kubernetes: must be one of auto, local, slurm"):
         cfg.validate()
