@@ -249,12 +249,21 @@ class SlurmCluster:
         timeout_s: float = 120,
         poll_s: float = 0.5,
     ) -> JobResult:
-        """Poll ``scontrol show job`` until the job is in one of ``states`` (default: terminal)."""
+        """Poll ``scontrol show job`` until the job is in one of ``states`` (default: terminal).
+
+        Raises ``TimeoutError`` after ``timeout_s``, ``RuntimeError`` if the job ends in
+        another state.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             result = self.job_result(job_id)
             if result.state in states:
                 return result
+            if result.state in TERMINAL_STATES:
+                raise RuntimeError(
+                    f"job {job_id} ended {result.state} (ExitCode={result.info['ExitCode']}, "
+                    f"Reason={result.info.get('Reason')}) while waiting for {sorted(states)}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"job {job_id} still {result.state} after {timeout_s}s "
@@ -367,7 +376,7 @@ def slurm_conf(cluster: SlurmCluster, *, ctld_port: int) -> str:
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU",
         "SchedulerType=sched/backfill",
-        "SchedulerParameters=bf_interval=1,sched_min_interval=100000",
+        "SchedulerParameters=bf_interval=1,sched_interval=1",  # a requeued job starts once eligible
         "SlurmdParameters=config_overrides",  # nodes may claim more CPUs than the machine has
         "DependencyParameters=kill_invalid_depend",
         "GresTypes=gpu",
