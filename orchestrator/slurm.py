@@ -128,6 +128,12 @@ def render_sbatch(
     the interpreter on the compute nodes.
     """
     shape = job_shape(config, plan)
+    cluster = config.cluster
+    if cluster.partition_required and not cluster.partition:
+        raise ValueError(
+            f"cluster.partition={cluster.partition}: cluster {cluster.name} needs a partition; "
+            "set cluster.partition=NAME (sinfo lists them)"
+        )
     run_dir = str(run_dir)
     _check_header_path("run.dir", run_dir)
     if log_dir is None:

@@ -131,8 +131,13 @@ def test_main_prints_plan_or_one_error(capsys: pytest.CaptureFixture[str]) -> No
     ("args", "expected"),
     [
         (
-            ("model=13b", "parallel=tp8pp4"),
+            ("model=13b", "parallel=tp8pp4", "launcher=local"),
             "error: launcher=local: the layout needs 32 processes (tp(8) * pp(4) * dp(1))",
+        ),
+        (
+            ("model=13b", "parallel=tp8pp4"),
+            "error: launcher=auto: the layout needs 32 processes (tp(8) * pp(4) * dp(1)) but "
+            "cluster.max_local_procs (CPU worker processes) allow 8; cluster=local is this machine",
         ),
         (
             ("parallel=tp1pp2", "train.global_batch_size=1"),

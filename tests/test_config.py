@@ -228,5 +228,7 @@ def test_slurm_time_limits(time_limit: str) -> None:
 def test_unknown_launcher() -> None:
     cfg = load()
     cfg.launcher = "kubernetes"
-    with pytest.raises(ValueError, match=r"^launcher=kubernetes: must be one of auto, local, slurm"):
+    with pytest.raises(
+        ValueError, match=r"^launcher=kubernetes: must be one of auto, local, slurm"
+    ):
         cfg.validate()
