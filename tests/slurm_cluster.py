@@ -22,16 +22,28 @@ What this SLURM (22.05, Debian's slurm-wlm) does here:
 * ``srun --mpi=pmi2`` works across the two emulated nodes; ``--mpi=pmix``
   does not.
 * ``--signal=USR1@60`` reaches the job *steps*; only ``--signal=B:USR1@60``
-  reaches the batch shell. Time limits and signals are checked about every
-  30 s, so with ``--time=2`` the signal arrives 50-57 s into the job.
-* ``scontrol requeue`` of a running batch job runs it again within seconds
-  (``cred_expire=10``; the default makes it wait two minutes); ``Restarts=``
-  in ``scontrol show job`` counts the requeues.
+  reaches the batch shell (bash runs its trap only after a foreground command
+  such as ``sleep`` returns). Time limits and signals are checked about every
+  30 s, so with ``--time=2`` the signal arrives 50-60 s into the job (59 s
+  measured here).
+* ``scontrol requeue`` of a running batch job kills it (COMPLETING, then
+  PENDING with ``Reason=BeginTime``) and runs it again about 11 s later:
+  ``cred_expire=10`` makes it eligible after 11 s instead of 121 s, and
+  ``sched_interval=1`` starts it then instead of at the next 60 s pass.
+  ``Restarts=`` counts the requeues; the job sees ``SLURM_RESTART_COUNT``
+  (unset on the first run); its ``--output`` file starts empty again unless
+  ``--open-mode=append``.
 * ``ExitCode=`` in ``scontrol show job`` is ``code:signal`` of the batch
-  script; ``DerivedExitCode=`` the worst of its steps.
+  script (``exit 3`` gives ``FAILED`` and ``3:0``); ``DerivedExitCode=`` the
+  worst of its steps.
 * ``Shape`` builds a second kind of cluster: a big partition of nodes that
   never run a ``slurmd`` (``State=CLOUD``), for ``sbatch --test-only`` of
   generated scripts. See ``Shape``.
+
+The ``slurm_cluster`` fixture is session-scoped; each test module that imports
+it gets its own cluster (about 0.3 s to start), stopped at the end of the
+session. ``cluster.env`` carries a marker variable: a process started with it
+is killed when the cluster stops.
 """
 
 from __future__ import annotations
@@ -408,6 +420,7 @@ def slurm_conf(cluster: SlurmCluster, *, ctld_port: int) -> str:
             "ResumeProgram=/bin/true",
             "SuspendProgram=/bin/true",
             "SuspendTime=INFINITE",
+            "PrivateData=cloud",  # show the powered-down CLOUD nodes in sinfo and scontrol
             f"NodeName={names} NodeAddr=127.0.0.1 CPUs={s.cpus_per_node} "
             f"RealMemory={s.memory_mb} Gres=gpu:{s.gpus_per_node} State=CLOUD",
             f"PartitionName={s.partition} Nodes={names} Default=YES MaxTime=INFINITE State=UP",

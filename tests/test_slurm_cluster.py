@@ -145,6 +145,7 @@ def test_sbatch_test_only_on_a_big_gpu_cluster(
         "--partition=gpu",
         "--time=2-00:00:00",
     )
+    assert slurm_a100_cluster.node_info("a256")["Gres"] == "gpu:8"
     fits = slurm_a100_cluster.run(["sbatch", "--test-only", str(script)])
     assert "to start at" in fits.stderr and "a[001-256]" in fits.stderr, fits.stderr
     for too_big in ("--nodes=257", "--gpus-per-node=9", "--cpus-per-task=17"):
