@@ -12,7 +12,7 @@ must be plain SLURM names.
 
 Command line (run by the scripts themselves, and by hand)::
 
-    python -m orchestrator.slurm prepare RUN_DIR [--ntasks N] [-- OVERRIDE ...]
+    python -m orchestrator.slurm prepare RUN_DIR [--ntasks N] -- [OVERRIDE ...]
     python -m orchestrator.slurm render-checked-in [--check]
 """
 
@@ -377,7 +377,7 @@ def prepare(run_dir: Path, overrides: Sequence[str] = (), *, ntasks: int = 0) ->
     if path.exists():
         plan = validate_config(load_config(path))
         _check_ntasks(ntasks, plan)
-        return f"reusing {path}: the run resumes from its latest checkpoint"
+        return f"reusing {path} (run.resume=auto continues from the latest checkpoint, if any)"
     config = _compose(overrides)
     config.run.dir = str(run_dir)  # not an override: Hydra would parse the path
     plan = validate_config(config)
@@ -413,13 +413,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep = commands.add_parser("prepare", help="create or reuse RUN_DIR/config.yaml")
     prep.add_argument("run_dir", type=Path)
     prep.add_argument("--ntasks", type=int, default=0, help="the job's tasks (SLURM_NTASKS)")
-    prep.add_argument("overrides", nargs="*", help="config overrides for a new run directory")
     render = commands.add_parser("render-checked-in", help="regenerate slurm/llama*.sh")
     render.add_argument("--check", action="store_true", help="only report stale scripts")
-    args = parser.parse_args(argv)
+    # Config overrides follow "--" (none: the run directory must already have a config).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
     try:
         if args.command == "prepare":
-            print(prepare(args.run_dir, args.overrides, ntasks=args.ntasks), flush=True)
+            print(prepare(args.run_dir, argv[split + 1 :], ntasks=args.ntasks), flush=True)
             return 0
         return _render_all(check=args.check)
     except (ValueError, HydraException, OmegaConfBaseException) as exc:

@@ -353,6 +353,15 @@ def test_prepare_writes_then_reuses_the_config(tmp_path: Path) -> None:
         slurm.prepare(run_dir, ntasks=4)
 
 
+def test_prepare_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # As the scripts call it: overrides after "--", none for a prepared run directory.
+    run_dir = tmp_path / "run"
+    args = ["prepare", str(run_dir), "--ntasks", "1", "--"]
+    assert slurm.main([*args, "parallel=tp1pp1", "data=synthetic"]) == 0
+    assert slurm.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("reusing")
+
+
 def test_prepare_bad_setting_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
