@@ -66,8 +66,9 @@ import pytest
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
+# `scontrol show job` states after which a job does not run again by itself.
 TERMINAL_STATES = frozenset(
-    {
+    [
         "COMPLETED",
         "FAILED",
         "CANCELLED",
@@ -78,7 +79,7 @@ TERMINAL_STATES = frozenset(
         "BOOT_FAIL",
         "DEADLINE",
         "SPECIAL_EXIT",
-    }
+    ]
 )
 MARKER = "SLURM_TEST_CLUSTER_DIR"  # in the environment of everything the cluster starts
 
