@@ -215,4 +215,25 @@ def initialize(
         mpu=mpu,
         dist_init_required=False,
     )
+    if plan.zero_stage == 3:
+        _check_overflow_in_every_dtype(engine.optimizer)
     return engine
+
+
+def _check_overflow_in_every_dtype(zero: Any) -> None:
+    """Make ZeRO-3 skip a step with a NaN/Inf gradient in bf16 and fp32 too.
+
+    ZeRO-1/2 check every step's reduced gradients; DeepSpeed's ZeRO-3 checks
+    only in fp16 (``_overflow_check_and_loss_scale_update``). This is that
+    method without the dtype test: the same check, the same clean-up, and the
+    engine then counts the step as skipped and holds the lr schedule.
+    """
+
+    def overflow_check(update_scale: bool = True) -> bool:
+        zero.overflow = False
+        zero.check_overflow()
+        if not update_scale:
+            return bool(zero.overflow)
+        return bool(zero._loss_scale_update_and_overflow_cleanup())
+
+    zero._overflow_check_and_loss_scale_update = overflow_check

@@ -310,6 +310,9 @@ def _data_parallel_step(
         if micro == plan.num_micro_batches - 1 and plan.zero_stage == 0:
             # DeepSpeed keeps no norm at ZeRO-0: take it before the step clips.
             norm = ds_engine.grad_norm(model, groups)
+            if not math.isfinite(norm):
+                _skip_update(engine)
+                continue
         engine.step()  # updates the weights at the last micro-batch only
         total += loss.detach().float()
     if norm is None:
@@ -319,6 +322,25 @@ def _data_parallel_step(
         dist.all_reduce(mean, group=groups.dp_group)
         mean /= groups.dp_size
     return float(mean), None if norm is None else float(norm)
+
+
+def _skip_update(engine: Any) -> None:
+    """ZeRO-0: end a step whose gradient norm is NaN/Inf without touching the weights.
+
+    ZeRO-1/2 check for overflow themselves; the plain optimiser does not. Here
+    the boundary ``engine.step()`` runs with the optimiser's step switched off
+    for this one call (the gradients are still cleared), and the optimiser
+    reports an overflow, so DeepSpeed counts the step as skipped and holds the
+    lr schedule, as ZeRO-1/2 do.
+    """
+    optimizer = engine.optimizer
+    optimizer.step = lambda *args, **kwargs: None  # shadows the method on this instance
+    optimizer.overflow = True
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
+        optimizer.overflow = False
 
 
 def _evaluate(

@@ -72,26 +72,57 @@ NAN_RUN = [
 ]
 
 
-def _module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True)
-    return state["module"]
+def _tensors(obj: object, prefix: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, (list, tuple))
+        else []
+    )
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
-def test_injected_nan_step_is_skipped_and_logged(tmp_path: Path) -> None:
+def _weights_and_optimiser(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The module weights and every tensor of the optimiser (ZeRO partitions at stages 1-3)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(checkpoint.glob("*model_states.pt")):  # ZeRO-3 names them zero_pp_rank_*
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        out.update(_tensors({"module": state["module"], "optimizer": state["optimizer"]}, f.name))
+    for f in sorted(checkpoint.glob("*optim_states.pt")):
+        # DeepSpeed's own files hold non-tensor objects too: read them in the test only.
+        out.update(_tensors(torch.load(f, map_location="cpu", weights_only=False), f.name))
+    return out
+
+
+@pytest.mark.parametrize("zero_stage", [1, 0, 3])
+def test_injected_nan_step_is_skipped_and_logged(tmp_path: Path, zero_stage: int) -> None:
     poisoned, clean = tmp_path / "poisoned", tmp_path / "clean"
+    zero = f"parallel.zero_stage={zero_stage}"
     proc = run_launch(
-        *NAN_RUN, f"run.dir={poisoned}", "faults.inject_nan_at_steps=[3]", "train.exit_at_step=3"
+        *NAN_RUN,
+        zero,
+        f"run.dir={poisoned}",
+        "faults.inject_nan_at_steps=[3]",
+        "train.exit_at_step=3",
     )
     assert "step 3/8 | skipped: loss nan" in proc.stdout
     record = read_metrics(poisoned / "metrics.jsonl")[-1]
     assert record["step"] == 3 and math.isnan(record["loss"]) and record["skipped_steps"] == 1
-    run_launch(*NAN_RUN, f"run.dir={clean}", "train.exit_at_step=2")
-    # no update: the weights after the skipped step 3 are those after step 2, bit for bit
-    after_skip = _module_weights(checkpoint_dir(poisoned) / "step_00000003")
-    before = _module_weights(checkpoint_dir(clean) / "step_00000002")
-    assert after_skip.keys() == before.keys()
+    run_launch(*NAN_RUN, zero, f"run.dir={clean}", "train.exit_at_step=2")
+    # no update: weights and optimiser after the skipped step 3 are those after step 2, bit for bit
+    after_skip = _weights_and_optimiser(checkpoint_dir(poisoned) / "step_00000003")
+    before = _weights_and_optimiser(checkpoint_dir(clean) / "step_00000002")
+    assert after_skip.keys() == before.keys() and len(before) > 4
     for name in before:
         assert torch.equal(after_skip[name], before[name]), name
+    # and the lr schedule held still: step 4 has the lr step 3 would have had
+    resumed = run_launch(*NAN_RUN, zero, f"run.dir={poisoned}", "train.exit_at_step=4")
+    assert "resumed from step_00000003" in resumed.stdout
+    lrs = {m["step"]: m["lr"] for m in read_metrics(poisoned / "metrics.jsonl")}
+    assert lrs[4] == lrs[3]
 
 
 def test_consecutive_skips_roll_back_to_the_last_checkpoint(tmp_path: Path) -> None:
