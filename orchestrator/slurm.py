@@ -134,6 +134,12 @@ def render_sbatch(
             f"cluster.partition={cluster.partition}: cluster {cluster.name} needs a partition; "
             "set cluster.partition=NAME (sinfo lists them)"
         )
+    limit_s = time_limit_s(cluster.time_limit)
+    if config.slurm.signal_grace_s >= limit_s:
+        raise ValueError(
+            f"slurm.signal_grace_s={config.slurm.signal_grace_s}: must be shorter than "
+            f"cluster.time_limit={cluster.time_limit} ({limit_s}s), or every start is stopped at once"
+        )
     run_dir = str(run_dir)
     _check_header_path("run.dir", run_dir)
     if log_dir is None:
@@ -155,6 +161,19 @@ def render_sbatch(
         "requeue": _requeue_block(config),
     }
     return _fill(TEMPLATE.read_text(), values)
+
+
+def time_limit_s(text: str) -> int:
+    """Seconds in a SLURM time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        h, m, s = (parts + [0, 0])[:3]
+        return int(days) * 86400 + h * 3600 + m * 60 + s
+    if len(parts) < 3:
+        m, s = (parts + [0])[:2]
+        return m * 60 + s
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 def _fill(template: str, values: Mapping[str, str]) -> str:

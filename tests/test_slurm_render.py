@@ -87,6 +87,22 @@ def test_render_checked_in_check_mode(capsys: pytest.CaptureFixture[str]) -> Non
     assert "current" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30", 1800),
+        ("5:30", 330),
+        ("04:00:00", 14400),
+        ("2-00:00:00", 172800),
+        ("1-2", 93600),
+        ("1-2:03", 93780),
+        ("0-0:0:7", 7),
+    ],
+)
+def test_time_limit_seconds(text: str, seconds: int) -> None:
+    assert slurm.time_limit_s(text) == seconds
+
+
 # -- headers by cluster and layout ------------------------------------------------------
 
 
