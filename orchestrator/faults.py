@@ -45,6 +45,8 @@ class StopRequest:
         self.signal: int | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        # The worker blocks them until now: one that arrived during start-up lands here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = self.signal or signum

@@ -6,11 +6,17 @@ Started by a launcher that sets the torchrun-style variables (see
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
-from orchestrator.config import load_config
-from orchestrator.train import train
+# A stop signal (SIGUSR1/SIGTERM: SLURM's time limit, scancel) that arrives in
+# the seconds torch and DeepSpeed take to import would kill this rank. Hold it
+# until train() installs its handler; StopRequest unblocks it then.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+
+from orchestrator.config import load_config  # noqa: E402
+from orchestrator.train import train  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -171,3 +171,29 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path) -> None:
     last_step = int(read_metrics(metrics)[-1]["step"])
     assert latest_tag(run_dir) == f"step_{last_step:08d}"
     assert "stopped by signal" in stdout
+
+
+def test_stop_signal_during_start_up_is_kept_until_the_first_step(tmp_path: Path) -> None:
+    """SIGUSR1 while torch and DeepSpeed still import: no death, a checkpoint after step 1."""
+    import sys
+
+    from orchestrator.launcher import free_port
+    from orchestrator.slurm import prepare
+
+    run_dir = tmp_path / "run"
+    prepare(run_dir, [*COMMON, "parallel=tp1pp1", "parallel.dp=1", "cluster=local"], ntasks=1)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.worker", str(run_dir)],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(0.5)  # the worker is importing torch
+    worker.send_signal(signal.SIGUSR1)
+    out, _ = worker.communicate(timeout=240)
+    assert worker.returncode == EXIT_REQUEUE, out[-3000:]
+    assert latest_tag(run_dir) == "step_00000001"
