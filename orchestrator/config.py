@@ -359,6 +359,19 @@ class FaultsConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """What a run writes for operators besides the progress line and ``metrics.jsonl``."""
+
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard
+    # Also log to Weights & Biases under this project when set and wandb is installed.
+    wandb_project: str | None = None
+
+    def validate(self) -> None:
+        if self.wandb_project is not None and not self.wandb_project.strip():
+            raise _fail("monitor.wandb_project", self.wandb_project, "must be null or a name")
+
+
+@dataclass
 class SlurmConfig:
     """``launcher=slurm``: the generated sbatch script and its submission (see ``orchestrator.slurm``)."""
 
@@ -415,6 +428,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     dry_run: bool = False
@@ -432,6 +446,7 @@ class Config:
         self.run.validate()
         self.checkpoint.validate()
         self.faults.validate()
+        self.monitor.validate()
         self.slurm.validate()
         _one_of("launcher", self.launcher, LAUNCHERS)
 
