@@ -61,13 +61,24 @@ class StopRequest:
 
 
 class Heartbeat:
-    """``RUN_DIR/heartbeats/rank_N.json``: this rank's last step, phase and time."""
+    """``RUN_DIR/heartbeats/rank_N.json``: this rank's last step, phase and time.
+
+    Also what ``note`` last recorded: the mean of the recent step times
+    (``step_time_s``) and the peak memory (``peak_mem_gb``), from which
+    ``orchestrator.status`` finds stragglers. The last beat of a rank that ended
+    normally has the phase ``exited``.
+    """
 
     def __init__(self, run_dir: Path, rank: int) -> None:
         self.dir = run_dir / "heartbeats"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"rank_{rank}.json"
         self.rank = rank
+        self.extra: dict[str, float] = {}
+
+    def note(self, **fields: float) -> None:
+        """Fields carried by the next beats (e.g. ``step_time_s``, ``peak_mem_gb``)."""
+        self.extra.update(fields)
 
     def beat(self, step: int, phase: str) -> None:
         record = {
@@ -77,6 +88,7 @@ class Heartbeat:
             "time": time.time(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **self.extra,
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))

@@ -1,12 +1,22 @@
-"""Progress lines and ``metrics.jsonl`` (written by one rank)."""
+"""Progress lines and ``metrics.jsonl`` (written by one rank), and the numbers in them.
+
+A progress line is ``key value`` pairs joined by `` | ``, starting with
+``step N/T | loss X | lr Y | grad_norm Z``, so an operator can grep it and a
+program can split it (``parse_progress_line``). Every field of the line is
+also a key of the step's record in ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import torch
 
 
 @dataclass
@@ -15,21 +25,78 @@ class StepMetrics:
     loss: float
     lr: float
     grad_norm: float | None
-    tokens_per_s: float
+    tokens_per_s: float  # all devices together, over the logging interval
     consumed_tokens: int
-    step_time_s: float
+    step_time_s: float  # mean over the logging interval
     skipped_steps: int = 0  # non-finite steps not applied, so far
+    total_steps: int = 0
+    loss_scale: float | None = None  # fp16 only
+    tokens_per_s_per_device: float = 0.0
+    tflops_per_device: float = 0.0  # model FLOPs (orchestrator.flops) per second, in TFLOP/s
+    mfu: float = 0.0  # tflops_per_device / cluster.peak_tflops
+    hfu: float | None = None  # with recomputation's extra forward (activation checkpointing)
+    peak_mem_gb: float = 0.0  # this rank's device: CUDA max allocated, or CPU peak RSS
+    eta_s: float | None = None
+    time: float = 0.0  # wall clock (Unix seconds) when the step ended
 
 
 def progress_line(m: StepMetrics, *, total_steps: int) -> str:
     """One greppable line per logging interval."""
     grad_norm = "n/a" if m.grad_norm is None else f"{m.grad_norm:.4f}"
-    return (
-        f"step {m.step}/{total_steps} | loss {m.loss:.4f} | lr {m.lr:.3e} | "
-        f"grad_norm {grad_norm} | tokens/s {m.tokens_per_s:,.0f} | "
-        f"consumed_tokens {m.consumed_tokens:,} | step_time {m.step_time_s:.3f}s | "
-        f"skipped {m.skipped_steps}"
-    )
+    parts = [
+        f"step {m.step}/{total_steps}",
+        f"loss {m.loss:.4f}",
+        f"lr {m.lr:.3e}",
+        f"grad_norm {grad_norm}",
+    ]
+    if m.loss_scale is not None:
+        parts.append(f"loss_scale {m.loss_scale:g}")
+    mfu = f"{100 * m.mfu:.2f}%"
+    if m.hfu is not None:
+        mfu += f" (hfu {100 * m.hfu:.2f}%)"
+    parts += [
+        f"consumed_tokens {m.consumed_tokens:,}",
+        f"skipped {m.skipped_steps}",
+        f"step_time {m.step_time_s:.3f}s",
+        f"tokens/s {m.tokens_per_s:,.0f}",
+        f"tokens/s/device {m.tokens_per_s_per_device:,.1f}",
+        f"tflops/device {m.tflops_per_device:.3f}",
+        f"mfu {mfu}",
+        f"peak_mem {m.peak_mem_gb:.2f}GB",
+        f"eta {format_duration(m.eta_s)}",
+    ]
+    return " | ".join(parts)
+
+
+def parse_progress_line(line: str) -> dict[str, str]:
+    """The ``key value`` pairs of a progress line (values as printed)."""
+    start = line.find("step ")
+    fields = {}
+    for part in line[start:].split(" | "):
+        key, _, value = part.strip().partition(" ")
+        fields[key] = value
+    return fields
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1d 02:03:04``, ``02:03:04``, or ``n/a``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    s = max(0, round(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    text = f"{hours:02d}:{minutes:02d}:{s:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory on its device: CUDA's max allocated, else peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
 
 
 class MetricsWriter:
@@ -55,8 +122,16 @@ class MetricsWriter:
         self._file.close()
 
 
-def read_metrics(path: Path, *, kind: str = "train") -> list[dict[str, float]]:
-    """The training records (``kind="train"``) or validation records (``"valid"``) of a run."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, *, kind: str = "train") -> list[dict[str, Any]]:
+    """The training records (``kind="train"``) or validation records (``"valid"``) of a run.
+
+    A last line still being written (no newline yet) is left out.
+    """
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
     key = "valid_loss" if kind == "valid" else "loss"
     return [r for r in records if key in r]

@@ -2,10 +2,11 @@
 
 init distributed -> layout and groups -> data -> model -> DeepSpeed engine -> loop.
 
-Rank 0 prints one progress line per logging interval and writes
-``metrics.jsonl``; the loss it reports is the global-batch mean (DeepSpeed's
-pipeline engine brings it from the last stage; without a pipeline we average
-over micro-batches and dp ranks).
+Rank 0 prints the start-up banner and one progress line per logging interval
+and writes ``metrics.jsonl`` and TensorBoard events (``orchestrator.monitor``);
+the loss it reports is the global-batch mean (DeepSpeed's pipeline engine
+computes it on the last stage and broadcasts it to every stage; without a
+pipeline we average over micro-batches and dp ranks).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +36,7 @@ from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
 from orchestrator.dist_env import init_process_group, read_env
 from orchestrator.faults import EXIT_REQUEUE, Heartbeat, NumericsGuard, StopRequest, Watchdog
-from orchestrator.metrics import MetricsWriter, StepMetrics, progress_line
+from orchestrator.monitor import Monitor, banner, loss_scale
 from orchestrator.plan import Plan, resolve_plan
 from orchestrator.weights import read_pretrained
 
@@ -69,9 +71,13 @@ def train(cfg: Config, run_dir: Path) -> int:
     layout = checkpoint.LayoutRecord.from_plan(plan)
     tag = checkpoint.latest_tag(run_dir) if cfg.run.resume == "auto" else None
     start_step = 0 if tag is None else _restore(engine, cfg, plan, groups, run_dir, tag, data)
-    watchdog = Watchdog(Heartbeat(run_dir, env.rank), timeout_s=cfg.faults.hang_timeout_s)
+    if env.rank == 0:
+        resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
+        log.info("\n%s", banner(cfg, plan, run_dir, resume=resume_point))
+    heartbeat = Heartbeat(run_dir, env.rank)
+    watchdog = Watchdog(heartbeat, timeout_s=cfg.faults.hang_timeout_s)
     watchdog.start().progress(start_step, "first step")
-    writer = MetricsWriter(run_dir / "metrics.jsonl") if env.rank == 0 else None
+    monitor = Monitor(cfg, plan, run_dir, rank=env.rank, device=device, heartbeat=heartbeat)
     tokens_per_step = plan.global_batch_size * plan.seq_len
 
     def evaluate(step: int) -> None:
@@ -80,15 +86,7 @@ def train(cfg: Config, run_dir: Path) -> int:
             return
         watchdog.progress(step, "evaluation")
         loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
-        if writer is not None:
-            writer.write_eval(step, loss)
-            log.info(
-                "step %d/%d | valid_loss %.4f | valid_ppl %.2f",
-                step,
-                cfg.train.steps,
-                loss,
-                math.exp(min(loss, 50.0)),
-            )
+        monitor.eval_done(step, loss)
 
     def save(step: int) -> None:
         watchdog.progress(step, "checkpoint save")
@@ -121,21 +119,19 @@ def train(cfg: Config, run_dir: Path) -> int:
         elapsed = time.perf_counter() - start
         done = step + 1
         verdict = guard.observe(loss, skipped=engine.skipped_steps > skips_before)
-        if writer is not None and (
-            verdict.skipped or done % cfg.train.log_interval == 0 or done == cfg.train.steps
-        ):
-            metrics = StepMetrics(
-                step=done,
-                loss=loss,
-                lr=lr,
-                grad_norm=None if grad_norm is None else float(grad_norm),
-                tokens_per_s=tokens_per_step / elapsed,
-                consumed_tokens=_consumed_tokens(data, plan),
-                step_time_s=elapsed,
-                skipped_steps=guard.skipped_total,
-            )
-            writer.write(metrics)
-            log.info(progress_line(metrics, total_steps=cfg.train.steps))
+        monitor.step_done(
+            step=done,
+            loss=loss,
+            lr=lr,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            elapsed=elapsed,
+            consumed_tokens=_consumed_tokens(data, plan),
+            skipped_steps=guard.skipped_total,
+            loss_scale=loss_scale(engine, cfg.train.precision),
+            log_now=verdict.skipped
+            or done % cfg.train.log_interval == 0
+            or done == cfg.train.steps,
+        )
         if verdict.skipped:
             log.warning(
                 "step %d/%d | skipped: loss %s, grad_norm %s (not applied)",
@@ -167,9 +163,8 @@ def train(cfg: Config, run_dir: Path) -> int:
             break
         step = done
 
-    if writer is not None:
-        writer.close()
     watchdog.stop()
+    monitor.close()
     _shutdown(engine)
     return EXIT_REQUEUE if stopping else 0
 
@@ -381,10 +376,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _setup_logging(rank: int) -> None:
+    """Every line carries the date and time, the rank and the node."""
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
+        format=f"%(asctime)s [rank {rank} {socket.gethostname()}] %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
         force=True,
     )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
