@@ -128,6 +128,10 @@ class ParallelConfig:
     activation_checkpointing: str = "none"
     micro_batch_size: int = 1
     pipeline_split: list[int] | None = None  # explicit layers per pipeline stage
+    # true: the plan searches tp, pp, ZeRO stage, micro-batch size and activation
+    # checkpointing for the best predicted tokens/s that fits (conf/parallel/auto.yaml);
+    # the fields above are then replaced by its choice.
+    auto: bool = False
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
@@ -188,6 +192,20 @@ class ClusterConfig:
     # The most worker processes launcher=local starts on one CPU machine (on a
     # GPU machine the limit is the number of GPUs).
     max_local_procs: int = 8
+    # The plan's performance model (orchestrator.perf). Defaults are an A100 SXM
+    # cluster's. compute_efficiency: the fraction of peak_tflops that a
+    # transformer layer's matmuls sustain, one fixed number per device type (0.6
+    # for A100, not tuned per case: with it the model reproduces LLaMA-65B's and
+    # Megatron-LM 2022's published throughput within 15%, tests/test_perf.py). Bandwidths are what one device reaches in a ring
+    # collective, in GB/s: NVLink inside a node (A100: 600 GB/s total, 300 per
+    # direction), the network between nodes (A100 clusters: one 200 Gb/s HDR
+    # InfiniBand link per GPU = 25 GB/s).
+    compute_efficiency: float = 0.6
+    intra_node_bandwidth_gbs: float = 300.0
+    inter_node_bandwidth_gbs: float = 25.0
+    # Framework allowance per device: CUDA context, NCCL and DeepSpeed buffers,
+    # allocator fragmentation (not counted item by item).
+    memory_overhead_gb: float = 3.0
 
     def validate(self) -> None:
         if self.nodes is not None:
@@ -195,6 +213,12 @@ class ClusterConfig:
         _non_negative("cluster.gpus_per_node", self.gpus_per_node)
         _positive_float("cluster.device_memory_gb", self.device_memory_gb)
         _positive_float("cluster.peak_tflops", self.peak_tflops)
+        if not 0 < self.compute_efficiency <= 1:
+            raise _fail("cluster.compute_efficiency", self.compute_efficiency, "must be in (0, 1]")
+        _positive_float("cluster.intra_node_bandwidth_gbs", self.intra_node_bandwidth_gbs)
+        _positive_float("cluster.inter_node_bandwidth_gbs", self.inter_node_bandwidth_gbs)
+        if self.memory_overhead_gb < 0:
+            raise _fail("cluster.memory_overhead_gb", self.memory_overhead_gb, "must be >= 0")
         _positive("cluster.cpus_per_task", self.cpus_per_task)
         _positive("cluster.max_local_procs", self.max_local_procs)
         if self.tasks_per_node is not None:

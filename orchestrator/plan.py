@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model_parallel.args import ModelArgs, padded_vocab_size
+from orchestrator import perf
 from orchestrator.config import ClusterConfig, Config, ParallelConfig
 
 VOCAB_MULTIPLE = 128  # padded vocab is a multiple of VOCAB_MULTIPLE * tp
@@ -265,4 +266,5 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"total params: {plan.num_params:,} ({_billions(plan.num_params)}; "
         f"{plan.num_padded_params:,} with padded vocab)"
     )
+    lines += perf.format_estimate(perf.estimate(cfg, plan), cfg.cluster)
     return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""The plan's performance model: memory per device and time per step of a layout.
+
+Pure arithmetic on the config and the resolved ``Plan``; nothing is allocated.
+Notation: b micro-batch size, s sequence length, h = ``dim``, f the SwiGLU
+width, t = tp, p = pp, m micro-batches per step, e bytes per activation and
+weight element (2 in bf16/fp16, 4 in fp32), Psi' the parameters one device
+holds on its stage (``Plan.stage_params_per_rank``).
+
+**Model state** follows what DeepSpeed allocates for our config (checked
+tensor by tensor against real engines in ``tests/test_perf.py``):
+
+- fp32: ZeRO-0 is the plain optimiser, 4 + 4 + 8 (weights, gradients, two
+  Adam moments). ZeRO-1/2/3 also keep an fp32 master copy of their partition,
+  so 4 + 4 + 12 split as below.
+- bf16/fp16: 2 (weights) + 2 (gradients) + 12 (fp32 master, two moments),
+  except that bf16 at ZeRO-0/1 runs DeepSpeed's ``BF16_Optimizer`` (our JSON
+  asks for fp32 gradient accumulation), which holds all gradients in fp32: 4.
+- split over dp: ZeRO-1 the optimiser state, ZeRO-2 also the gradients,
+  ZeRO-3 also the weights. ZeRO-1/2 flatten each parameter group (matrices
+  with weight decay, norms without) and pad it to a multiple of 2·dp
+  elements; ZeRO-3 pads each parameter to a multiple of dp and each fp32
+  group to a multiple of 2·dp (``zero_state_bytes``).
+
+**Activations** per layer per micro-batch, what autograd saves in this
+implementation (``model_parallel.llama``), in units of s·b·h bytes:
+
+- two RMSNorms, each the fp32 copy it normalises: 2·4 (/t with sequence parallelism);
+- the inputs of the q/k/v and w1/w3 projections: 2·e (with sequence
+  parallelism these are the all-gathered copies, held full, plus the
+  norms' outputs 2·e/t);
+- q, k, v after rotary and the attention output (SDPA's flash kernels keep
+  no s x s scores), the copy that feeds wo: 5·e/t;
+- SwiGLU: w1 x, w3 x, silu(w1 x) and the product that feeds w2: 4·e·f/(h·t).
+
+No dropout, so no masks. Full activation checkpointing keeps only each
+layer's input (e, /t with sequence parallelism) plus one layer's activations
+while it is recomputed. Under 1F1B stage i holds min(p - i, m) micro-batches
+in flight. The last stage adds the final norm and the logits: (e + 4 + 4)·s·b·V/t
+(the logits, the fp32 working copy of the loss, the fp32 softmax it saves).
+A framework allowance (``cluster.memory_overhead_gb``) covers what is not
+itemised.
+
+**Time per step**: hardware FLOPs (``orchestrator.flops``) over
+``peak_tflops x compute_efficiency``, stages assumed balanced; tp all-reduces
+(4 per layer per micro-batch, 6 with recomputation, of s·b·h·e bytes, a ring
+moving 2(t-1)/t of it) over NVLink; the 1F1B bubble (p-1)/m of the busy time,
+i.e. (p-1)/(m+p-1) of the pipeline's time; pipeline sends (2 per micro-batch,
+s·b·h·e/t bytes) on the critical path; the dp gradient reduction
+(2(d-1)/d x Psi' elements, 1.5x that at ZeRO-3) after the last micro-batch.
+Nothing is assumed to overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from model_parallel.args import ModelArgs
+from orchestrator.config import ClusterConfig, Config
+from orchestrator.flops import hardware_flops_per_token, model_flops_per_token
+
+if TYPE_CHECKING:  # plan.py imports this module
+    from orchestrator.plan import Plan
+
+GIB = 2**30
+ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: partitions start 4-byte aligned
+
+
+def element_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes of weights, gradients and optimiser state (fp32 master + moments) on one device."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+
+def _aligned(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def zero_state_bytes(
+    groups: Sequence[Sequence[int]], *, zero_stage: int, dp: int, precision: str
+) -> ModelState:
+    """DeepSpeed's model state on one dp rank, padding included.
+
+    ``groups``: the optimiser's parameter groups, each a list of parameter
+    sizes (elements) as this rank's module holds them.
+    """
+    e = element_bytes(precision)
+    grad_e = 4 if precision == "bf16" and zero_stage <= 1 else e  # BF16_Optimizer: fp32 grads
+    master = 4 if (precision != "fp32" or zero_stage > 0) else 0  # fp32 copy of the partition
+    if zero_stage == 0:
+        n = sum(sum(g) for g in groups)
+        return ModelState(n * e, n * grad_e, n * (master + 8))
+    if zero_stage in (1, 2):
+        flat = [_aligned(sum(g), ZERO_ALIGNMENT * dp) for g in groups]
+        total = sum(flat)
+        part = sum(f // dp for f in flat)
+        grads = total * grad_e if zero_stage == 1 else part * e
+        return ModelState(total * e, grads, part * (master + 8))
+    # ZeRO-3: every parameter is partitioned on its own, padded to a multiple of dp.
+    shards = [[-(-n // dp) for n in g] for g in groups]
+    part_params = sum(sum(s) for s in shards)
+    part_fp32 = sum(_aligned(sum(s), ZERO_ALIGNMENT) for s in shards)
+    return ModelState(part_params * e, part_params * e, part_fp32 * (master + 8))
+
+
+def stage_param_groups(
+    args: ModelArgs, vocab: int, tp: int, stage: int, stage_layers: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """(matrices, norm weights): sizes of one tp rank's parameters on ``stage``, in module order.
+
+    The same split as ``orchestrator.engine.param_groups`` (decay on matrices).
+    """
+    d, f = args.dim, args.hidden_dim
+    first, last = stage_layers[stage]
+    matrices: list[int] = [vocab * d // tp] if stage == 0 else []
+    norms: list[int] = []
+    for _ in range(first, last + 1):
+        matrices += [d * d // tp] * 4 + [d * f // tp] * 3
+        norms += [d, d]
+    if stage == len(stage_layers) - 1:
+        norms.append(d)
+        matrices.append(vocab * d // tp)
+    return matrices, norms
+
+
+def layer_activation_bytes(
+    args: ModelArgs, *, micro_batch: int, seq_len: int, tp: int, sp: bool, e: int
+) -> float:
+    """Bytes one layer saves for backward per micro-batch (module docstring)."""
+    sbh = micro_batch * seq_len * args.dim
+    split = tp if sp else 1
+    norms = 2 * 4 / split
+    linear_inputs = 2 * e + (2 * e / tp if sp else 0)
+    sharded = (5 * e + 4 * e * args.hidden_dim / args.dim) / tp
+    return sbh * (norms + linear_inputs + sharded)
+
+
+def logits_bytes(
+    args: ModelArgs, vocab: int, *, micro_batch: int, seq_len: int, tp: int, e: int
+) -> float:
+    """The last stage's output: logits, the loss's fp32 working copy and its saved softmax."""
+    return micro_batch * seq_len * vocab / tp * (e + 4 + 4)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """One device's memory on one pipeline stage, in bytes."""
+
+    stage: int
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float
+
+    def items(self) -> tuple[tuple[str, float], ...]:
+        return (
+            ("parameters", self.params),
+            ("gradients", self.grads),
+            ("optimizer state", self.optimizer),
+            ("activations", self.activations),
+            ("logits", self.logits),
+            ("framework allowance", self.overhead),
+        )
+
+    @property
+    def total(self) -> float:
+        return sum(value for _, value in self.items())
+
+    @property
+    def largest(self) -> str:
+        return max(self.items(), key=lambda item: item[1])[0]
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimiser step, by cause (nothing overlaps)."""
+
+    compute: float
+    tp_comm: float
+    bubble: float
+    pp_comm: float
+    dp_comm: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The plan's estimate: memory per stage, time per step, throughput, verdict."""
+
+    stages: tuple[StageMemory, ...]
+    time: StepTime
+    tokens_per_s_per_device: float
+    mfu: float
+    device_memory: float  # bytes
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda stage: stage.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total <= self.device_memory
+
+
+def estimate(cfg: Config, plan: Plan) -> Estimate:
+    """Memory per stage and time per step of ``plan`` on ``cfg.cluster``."""
+    stages = tuple(stage_memory(cfg, plan, stage) for stage in range(plan.pp))
+    time = step_time(cfg, plan)
+    tokens = plan.global_batch_size * plan.seq_len / time.total / plan.world_size
+    args = cfg.model.to_args()
+    mfu = tokens * model_flops_per_token(args, plan.seq_len) / (cfg.cluster.peak_tflops * 1e12)
+    return Estimate(stages, time, tokens, mfu, cfg.cluster.device_memory_gb * GIB)
+
+
+def stage_memory(cfg: Config, plan: Plan, stage: int) -> StageMemory:
+    """One device of ``stage``: model state for its ZeRO stage, activations in flight."""
+    args = cfg.model.to_args()
+    par = cfg.parallel
+    e = element_bytes(cfg.train.precision)
+    groups = stage_param_groups(args, plan.padded_vocab_size, plan.tp, stage, plan.stage_layers)
+    state = zero_state_bytes(
+        groups, zero_stage=plan.zero_stage, dp=plan.dp, precision=cfg.train.precision
+    )
+    sp = par.sequence_parallel and plan.tp > 1
+    shape = dict(micro_batch=plan.micro_batch_size, seq_len=plan.seq_len, tp=plan.tp)
+    layer = layer_activation_bytes(args, sp=sp, e=e, **shape)
+    first, last = plan.stage_layers[stage]
+    n_layers = last - first + 1
+    in_flight = min(plan.pp - stage, plan.num_micro_batches)
+    if par.activation_checkpointing == "full":
+        layer_input = plan.micro_batch_size * plan.seq_len * args.dim * e / (plan.tp if sp else 1)
+        activations = in_flight * n_layers * layer_input + layer
+    else:
+        activations = in_flight * n_layers * layer
+    logits = 0.0
+    if stage == plan.pp - 1:
+        logits = logits_bytes(args, plan.padded_vocab_size, e=e, **shape)
+        logits += plan.micro_batch_size * plan.seq_len * args.dim * (4 + e)  # final norm
+    return StageMemory(
+        stage=stage,
+        params=state.params,
+        grads=state.grads,
+        optimizer=state.optimizer,
+        activations=activations,
+        logits=logits,
+        overhead=cfg.cluster.memory_overhead_gb * GIB,
+    )
+
+
+def _bandwidth(cluster: ClusterConfig, *, crosses_nodes: bool) -> float:
+    gbs = cluster.inter_node_bandwidth_gbs if crosses_nodes else cluster.intra_node_bandwidth_gbs
+    return gbs * 1e9
+
+
+def step_time(cfg: Config, plan: Plan) -> StepTime:
+    """Seconds per optimiser step (module docstring)."""
+    args, cluster = cfg.model.to_args(), cfg.cluster
+    e = element_bytes(cfg.train.precision)
+    recompute = cfg.parallel.activation_checkpointing == "full"
+    tokens = plan.global_batch_size * plan.seq_len
+    flops = hardware_flops_per_token(args, plan.seq_len, recompute=recompute) * tokens
+    compute = flops / plan.world_size / (cluster.peak_tflops * 1e12 * cluster.compute_efficiency)
+    m, p, t, d = plan.num_micro_batches, plan.pp, plan.tp, plan.dp
+    micro_bytes = plan.micro_batch_size * plan.seq_len * args.dim * e  # one (b, s, h) tensor
+    layers_per_stage = args.n_layers / p
+    all_reduces = (6 if recompute else 4) * layers_per_stage * m
+    nvlink = _bandwidth(cluster, crosses_nodes=False)
+    tp_comm = all_reduces * micro_bytes * 2 * (t - 1) / t / nvlink
+    bubble = (compute + tp_comm) * (p - 1) / m
+    gpus = cluster.gpus_per_node
+    pipeline_spans_nodes = gpus > 0 and plan.world_size > gpus
+    pp_bw = _bandwidth(cluster, crosses_nodes=pipeline_spans_nodes)
+    pp_comm = 2 * (m + p - 1) * micro_bytes / t / pp_bw if p > 1 else 0.0
+    stage_params = max(plan.stage_params_per_rank)
+    grad_e = 4 if cfg.train.precision == "fp32" else 2
+    factor = 3 if plan.zero_stage == 3 else 2
+    dp_bw = _bandwidth(cluster, crosses_nodes=gpus > 0 and t * d > gpus)
+    dp_comm = factor * (d - 1) / d * stage_params * grad_e / dp_bw
+    return StepTime(compute, tp_comm, bubble, pp_comm, dp_comm)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 4 else f"{n / 2**20:.1f} MiB"
+
+
+def format_estimate(est: Estimate, cluster: ClusterConfig) -> list[str]:
+    """The estimate as ``key: value`` lines for ``format_plan``."""
+    peak = est.peak
+    items = ", ".join(f"{name} {_gib(value)}" for name, value in peak.items())
+    t = est.time
+    verdict = "fits" if est.fits else "does NOT fit"
+    lines = [
+        f"memory per device (stage {peak.stage}, the fullest): {_gib(peak.total)} = {items}",
+    ]
+    if len(est.stages) > 1:
+        lines.append("memory per stage: " + ", ".join(_gib(s.total) for s in est.stages))
+    lines += [
+        f"memory verdict: {verdict} in {_gib(est.device_memory)} ({cluster.device}); "
+        f"largest item: {peak.largest}",
+        f"step time: {t.total:.3f} s = compute {t.compute:.3f} + tp comm {t.tp_comm:.3f} "
+        f"+ bubble {t.bubble:.3f} + pp comm {t.pp_comm:.3f} + dp comm {t.dp_comm:.3f} "
+        f"(efficiency {cluster.compute_efficiency} of {cluster.peak_tflops} TFLOP/s)",
+        f"throughput: {est.tokens_per_s_per_device:,.1f} tokens/s per device, "
+        f"MFU {100 * est.mfu:.1f}%",
+    ]
+    return lines
