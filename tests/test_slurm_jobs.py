@@ -1,0 +1,193 @@
+"""Real jobs on the private two-node SLURM cluster (``tests/slurm_cluster.py``).
+
+Every job script is rendered by the same generator as the checked-in
+``slurm/llama*.sh`` (``launch/run.py ... launcher=slurm slurm.submit=false``)
+and submitted with ``sbatch``; the reference is the local launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.checkpoint import latest_tag
+from orchestrator.export import export
+from orchestrator.faults import EXIT_REQUEUE
+from orchestrator.metrics import read_metrics
+from tests.launch import REPO, run_launch
+from tests.slurm_cluster import (
+    SlurmCluster,
+    slurm_a100_cluster,  # noqa: F401 (fixture)
+    slurm_cluster,  # noqa: F401 (fixture)
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+STEPS = 20
+RUN = [
+    "model=tiny",
+    "data=synthetic",
+    "data.num_samples=16",
+    "parallel=tp2pp1",
+    "parallel.dp=2",  # 4 ranks: 2 nodes x 2 tasks (cluster=slurm_cpu)
+    "train.log_interval=1",
+    "train.eval_interval=0",
+]
+
+
+def _render(run_dir: Path, *overrides: str) -> Path:
+    """The job script of a run, rendered and written by ``launcher=slurm``, not submitted."""
+    run_launch(
+        *RUN,
+        "cluster=slurm_cpu",
+        "launcher=slurm",
+        "slurm.submit=false",
+        f"run.dir={run_dir}",
+        *overrides,
+    )
+    return run_dir / "job.sh"
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    records = read_metrics(path) if path.exists() else []
+    return int(records[-1]["step"]) if records else 0
+
+
+def _wait_for_step(run_dir: Path, step: int, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _steps_done(run_dir) < step:
+        assert time.monotonic() < deadline, f"{run_dir}: step {step} never reached"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
+    """The same run under the local launcher."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    run_launch(
+        *RUN, "cluster=local", "launcher=local", f"train.steps={STEPS}", f"run.dir={run_dir}"
+    )
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def _assert_same_losses(got: list[dict[str, float]], want: list[dict[str, float]]) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g, w)
+
+
+def test_job_on_two_nodes_trains_like_the_local_launcher(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    reference: list[dict[str, float]],
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "two nodes"  # a space in the path, as users' paths have
+    job = slurm_cluster.submit(_render(run_dir, f"train.steps={STEPS}"), cwd=REPO)
+    result = slurm_cluster.wait_job(job, timeout_s=300)
+    assert (result.state, result.exit_code, result.restarts) == ("COMPLETED", 0, 0), result
+    assert result.info["NodeList"] == "n[1-2]" and result.info["NumTasks"] == "4"
+    assert sorted(p.name for p in (run_dir / "logs").glob("rank_*.log")) == [
+        f"rank_{r}.log" for r in range(4)
+    ]
+    _assert_same_losses(read_metrics(run_dir / "metrics.jsonl"), reference)
+    assert latest_tag(run_dir) == f"step_{STEPS:08d}"
+
+
+def test_usr1_checkpoints_requeues_and_finishes(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    reference: list[dict[str, float]],
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    job = slurm_cluster.submit(_render(run_dir, f"train.steps={STEPS}"), cwd=REPO)
+    _wait_for_step(run_dir, 2)
+    # What --signal=USR1@grace sends before the time limit: USR1 to the job's steps.
+    slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
+    result = slurm_cluster.wait_job(job, timeout_s=300)
+    assert (result.state, result.exit_code, result.restarts) == ("COMPLETED", 0, 1), result
+    rank0 = (run_dir / "logs" / "rank_0.log").read_text()
+    assert "exiting for requeue" in rank0 and "resumed from step_" in rank0
+    _assert_same_losses(read_metrics(run_dir / "metrics.jsonl"), reference)
+
+
+def test_scancel_leaves_a_loadable_checkpoint(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    job = slurm_cluster.submit(_render(run_dir, "train.steps=100000"), cwd=REPO)
+    _wait_for_step(run_dir, 2)
+    slurm_cluster.run(["scancel", str(job)])  # SIGTERM to every rank, SIGKILL after KillWait
+    result = slurm_cluster.wait_job(job, timeout_s=120)
+    assert result.state == "CANCELLED" and result.restarts == 0, result
+    tag = latest_tag(run_dir)
+    assert tag is not None, (run_dir / "logs" / "rank_0.log").read_text()[-3000:]
+    assert int(tag.removeprefix("step_")) >= 2
+    out = export(run_dir, tmp_path / "hf")  # reads every rank's files with weights_only=True
+    assert (out / "model.safetensors").stat().st_size > 0
+
+
+def test_a_dead_rank_fails_the_job(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    job = slurm_cluster.submit(
+        _render(run_dir, "train.steps=100000", "slurm.step_wait_s=60"), cwd=REPO
+    )
+    _wait_for_step(run_dir, 2)
+    beat = json.loads((run_dir / "heartbeats" / "rank_3.json").read_text())
+    killed_at = time.monotonic()
+    os.kill(int(beat["pid"]), signal.SIGKILL)
+    result = slurm_cluster.wait_job(job, timeout_s=120)
+    assert result.state == "FAILED" and result.restarts == 0, result
+    assert result.exit_code not in (0, EXIT_REQUEUE), result
+    assert time.monotonic() - killed_at < 90  # well before any hang timeout
+
+
+@pytest.mark.parametrize("name", ["llama7b", "llama13b", "llama33b", "llama65b"])
+def test_checked_in_scripts_are_accepted_by_sbatch(
+    slurm_a100_cluster: SlurmCluster,  # noqa: F811
+    name: str,
+) -> None:
+    """``sbatch --test-only`` against 256 nodes x 8 GPUs, partition gpu (A100-80GB-shaped)."""
+    script = REPO / "slurm" / f"{name}.sh"
+    ok = slurm_a100_cluster.run(["sbatch", "--test-only", str(script)], check=False, cwd=REPO)
+    assert ok.returncode == 0 and "to start at" in ok.stderr, ok.stderr
+    # and the check can fail: one GPU per node more than the nodes have
+    too_big = slurm_a100_cluster.run(
+        ["sbatch", "--test-only", "--gpus-per-node=9", str(script)], check=False, cwd=REPO
+    )
+    assert too_big.returncode != 0, too_big.stderr
+
+
+def test_job_the_cluster_refuses_is_one_line_and_leaves_nothing(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The real sbatch refuses a partition it does not have: one error line, exit 2, no run dir."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "run.py"), *RUN]
+        + ["cluster=slurm_cpu", "cluster.partition=nope", "launcher=slurm", f"run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=slurm_cluster.env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    assert "Invalid partition name" in errors[0], errors
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not run_dir.exists()
