@@ -60,6 +60,7 @@ class RankBeat:
     phase: str
     age_s: float
     step_time_s: float | None
+    peak_mem_gb: float | None
 
     @property
     def exited(self) -> bool:
@@ -131,7 +132,7 @@ def read_heartbeats(run_dir: Path) -> list[RankBeat]:
             b = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being replaced right now
-        step_time = b.get("step_time_s")
+        step_time, memory = b.get("step_time_s"), b.get("peak_mem_gb")
         beats.append(
             RankBeat(
                 rank=int(b["rank"]),
@@ -141,6 +142,7 @@ def read_heartbeats(run_dir: Path) -> list[RankBeat]:
                 phase=str(b.get("phase", "?")),
                 age_s=max(0.0, now - float(b["time"])),
                 step_time_s=None if step_time is None else float(step_time),
+                peak_mem_gb=None if memory is None else float(memory),
             )
         )
     return sorted(beats, key=lambda b: b.rank)
@@ -299,7 +301,12 @@ def render(s: RunStatus) -> str:
             f" | logged {format_duration(age)} ago",
         ]
     lines.append(f"checkpoint: {s.checkpoint}")
-    lines.append(f"heartbeats: {len(s.beats)} ranks, {sum(b.exited for b in s.beats)} exited")
+    beats = f"heartbeats: {len(s.beats)} ranks, {sum(b.exited for b in s.beats)} exited"
+    memory = [b for b in s.beats if b.peak_mem_gb is not None]
+    if memory:
+        top = max(memory, key=lambda b: b.peak_mem_gb or 0.0)
+        beats += f"; peak memory {top.peak_mem_gb:.2f}GB (rank {top.rank}, the most)"
+    lines.append(beats)
     if s.stale:
         lines.append("hang suspects:")
         lines += [
