@@ -21,6 +21,7 @@ from orchestrator.faults import EXIT_REQUEUE
 from orchestrator.metrics import read_metrics
 from tests.launch import REPO, run_launch
 from tests.slurm_cluster import (
+    TERMINAL_STATES,
     SlurmCluster,
     slurm_a100_cluster,  # noqa: F401 (fixture)
     slurm_cluster,  # noqa: F401 (fixture)
@@ -191,3 +192,54 @@ def test_job_the_cluster_refuses_is_one_line_and_leaves_nothing(
     assert "Invalid partition name" in errors[0], errors
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not run_dir.exists()
+
+
+def test_time_limit_signal_checkpoints_and_requeues(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The rendered ``--signal=USR1@60`` with a 2-minute limit: checkpoint, exit 75, requeue, resume.
+
+    SLURM checks limits about every 30 s here, so the signal lands 50-60 s in.
+    """
+    run_dir = tmp_path / "run"
+    script = _render(
+        run_dir,
+        "train.steps=100000",
+        "cluster.time_limit=00:02:00",
+        "slurm.signal_grace_s=60",
+    )
+    assert "#SBATCH --signal=USR1@60" in script.read_text()
+    job = slurm_cluster.submit(script, cwd=REPO)
+    log = run_dir / "logs" / "rank_0.log"
+    deadline = time.monotonic() + 240
+    while "resumed from step_" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, slurm_cluster.job_info(job)
+        assert slurm_cluster.job_state(job) not in TERMINAL_STATES, slurm_cluster.job_info(job)
+        time.sleep(1)
+    slurm_cluster.run(["scancel", str(job)])
+    result = slurm_cluster.wait_job(job, timeout_s=120)
+    assert result.restarts == 1, result
+    text = log.read_text()
+    assert "exiting for requeue" in text, text[-2000:]
+    stopped_at = int(text.split("resumed from step_")[1].split()[0])
+    first_run = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] <= stopped_at]
+    assert stopped_at >= 10 and len(first_run) >= stopped_at  # it trained until the signal
+
+
+def test_run_py_started_by_srun_trains_as_one_rank_per_task(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    reference: list[dict[str, float]],
+    tmp_path: Path,
+) -> None:
+    """``launcher=auto`` inside an allocation: each task is a rank (rendezvous found by itself)."""
+    import sys
+
+    run_dir = tmp_path / "run"
+    slurm_cluster.run(
+        ["srun", "-N2", "-n4", "--ntasks-per-node=2", sys.executable, "launch/run.py", *RUN]
+        + ["cluster=slurm_cpu", f"train.steps={STEPS}", f"run.dir={run_dir}"],
+        cwd=REPO,
+        timeout=300,
+    )
+    _assert_same_losses(read_metrics(run_dir / "metrics.jsonl"), reference)
