@@ -130,14 +130,16 @@ def run_local(run_dir: Path, world_size: int) -> int:
             )
             pump.start()
             pumps.append(pump)
-        forwarded = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         for sig in STOP_SIGNALS:
             signal.signal(sig, lambda signum, _frame: _forward(procs, signum))
         try:
             return _watch(procs, pumps, log_dir)
         finally:
-            for sig, handler in forwarded.items():
-                signal.signal(sig, handler)
+            # The workers are gone and we are about to exit with their code: a
+            # late stop signal must not kill us instead (nor, once Python puts the
+            # default handlers back at exit, the worker's 75 become a death).
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
     except BaseException:
         _stop(procs)
         raise

@@ -24,7 +24,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m orchestrator.worker RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    return train(load_config(run_dir / "config.yaml"), run_dir)
+    code = train(load_config(run_dir / "config.yaml"), run_dir)
+    # Python puts the default handlers back while it shuts down: a late stop signal
+    # would then kill the rank and turn its exit code (75 after a stop) into a death.
+    # Ignoring is process-wide (blocking would cover this thread only) and survives that.
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from orchestrator.checkpoint import checkpoint_dir, latest_tag
+from orchestrator.config import load_config
 from orchestrator.faults import EXIT_REQUEUE
 from orchestrator.metrics import read_metrics
+from orchestrator.weights import read_checkpoint
 from tests.distributed import run_ranks
 from tests.launch import run_launch, start_launch
 
@@ -151,7 +153,8 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint(tmp_path: Path)
     assert run_ranks(_load_latest, 2, str(tmp_path)) == [1, 1]  # and the previous one loads
 
 
-def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storm", [False, True], ids=["one_signal", "signals_during_the_save"])
+def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path, storm: bool) -> None:
     run_dir = tmp_path / "signal"
     proc = start_launch(*COMMON, f"run.dir={run_dir}", "parallel=tp2pp1", "train.steps=100000")
     try:
@@ -162,6 +165,13 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.3)
         proc.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
+        # More signals while the step finishes and the checkpoint is written (an
+        # impatient operator, scancel after the time-limit signal): no effect.
+        for i in range(400 if storm else 0):
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGUSR1)
+            time.sleep(0.01)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -171,6 +181,15 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path) -> None:
     last_step = int(read_metrics(metrics)[-1]["step"])
     assert latest_tag(run_dir) == f"step_{last_step:08d}"
     assert "stopped by signal" in stdout
+    assert not list(checkpoint_dir(run_dir).glob("*.partial"))
+    # the checkpoint is whole: every rank's files read back
+    cfg = load_config(run_dir / "config.yaml")
+    state = read_checkpoint(
+        checkpoint_dir(run_dir) / f"step_{last_step:08d}", cfg.model.to_args(), tp=2, pp=1
+    )
+    assert len(state) == 3 + 9 * cfg.model.n_layers and all(
+        t.isfinite().all() for t in state.values()
+    )
 
 
 def test_stop_signal_during_start_up_is_kept_until_the_first_step(tmp_path: Path) -> None:
