@@ -237,9 +237,12 @@ def _run_as_rank(config: Config, plan: Plan, rank: int) -> int:
                 return 1
             time.sleep(0.5)
     # Imported here: it loads DeepSpeed (seconds, and a warning on stdout) that only ranks need.
+    from orchestrator.faults import ignore_stop_signals
     from orchestrator.train import train
 
-    return train(config, run_dir)
+    code = train(config, run_dir)
+    ignore_stop_signals()
+    return code
 
 
 def choose_run_dir(config: Config) -> Path:

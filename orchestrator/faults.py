@@ -60,6 +60,17 @@ class StopRequest:
         return bool(flag.item())
 
 
+def ignore_stop_signals() -> None:
+    """After training has returned: late SIGUSR1/SIGTERM must not turn the exit code into a death.
+
+    Python puts the default handlers back while it shuts down, so a signal in
+    the last moments would kill the process. Ignoring is process-wide (blocking
+    would cover one thread only) and survives the shutdown.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Heartbeat:
     """``RUN_DIR/heartbeats/rank_N.json``: this rank's last step, phase and time.
 

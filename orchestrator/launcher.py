@@ -24,7 +24,7 @@ from typing import IO
 import torch
 
 from orchestrator.dist_env import child_env
-from orchestrator.faults import EXIT_REQUEUE, STOP_SIGNALS
+from orchestrator.faults import EXIT_REQUEUE, STOP_SIGNALS, ignore_stop_signals
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 _POLL_S = 0.2
@@ -135,11 +135,7 @@ def run_local(run_dir: Path, world_size: int) -> int:
         try:
             return _watch(procs, pumps, log_dir)
         finally:
-            # The workers are gone and we are about to exit with their code: a
-            # late stop signal must not kill us instead (nor, once Python puts the
-            # default handlers back at exit, the worker's 75 become a death).
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+            ignore_stop_signals()  # the workers are gone; we exit with their code
     except BaseException:
         _stop(procs)
         raise

@@ -16,6 +16,7 @@ from pathlib import Path
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
 
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.faults import ignore_stop_signals  # noqa: E402
 from orchestrator.train import train  # noqa: E402
 
 
@@ -25,11 +26,7 @@ def main(argv: list[str]) -> int:
         return 2
     run_dir = Path(argv[0])
     code = train(load_config(run_dir / "config.yaml"), run_dir)
-    # Python puts the default handlers back while it shuts down: a late stop signal
-    # would then kill the rank and turn its exit code (75 after a stop) into a death.
-    # Ignoring is process-wide (blocking would cover this thread only) and survives that.
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()
     return code
 
 
