@@ -65,6 +65,7 @@ if TYPE_CHECKING:  # plan.py imports this module
 
 GIB = 2**30
 ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: partitions start 4-byte aligned
+ZERO3_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold (DeepSpeed's default)
 
 
 def element_bytes(precision: str) -> int:
@@ -85,30 +86,56 @@ def _aligned(n: int, multiple: int) -> int:
 
 
 def zero_state_bytes(
-    groups: Sequence[Sequence[int]], *, zero_stage: int, dp: int, precision: str
+    groups: Sequence[Sequence[int]],
+    *,
+    zero_stage: int,
+    dp: int,
+    precision: str,
+    dp_rank: int | None = None,
 ) -> ModelState:
-    """DeepSpeed's model state on one dp rank, padding included.
+    """DeepSpeed's model state on one dp rank (``None``: the fullest), padding included.
 
     ``groups``: the optimiser's parameter groups, each a list of parameter
-    sizes (elements) as this rank's module holds them.
+    sizes (elements) in module order, as this rank's module holds them.
     """
+    if dp_rank is None:
+        ranks = [
+            zero_state_bytes(groups, zero_stage=zero_stage, dp=dp, precision=precision, dp_rank=r)
+            for r in range(dp)
+        ]
+        return max(ranks, key=lambda m: m.params + m.grads + m.optimizer)
     e = element_bytes(precision)
-    grad_e = 4 if precision == "bf16" and zero_stage <= 1 else e  # BF16_Optimizer: fp32 grads
-    master = 4 if (precision != "fp32" or zero_stage > 0) else 0  # fp32 copy of the partition
-    if zero_stage == 0:
-        n = sum(sum(g) for g in groups)
-        return ModelState(n * e, n * grad_e, n * (master + 8))
+    n = sum(sum(g) for g in groups)
+    if zero_stage == 0:  # the plain optimiser: fp32 is its own master copy
+        return ModelState(n * e, n * e, n * (8 if precision == "fp32" else 12))
     if zero_stage in (1, 2):
         flat = [_aligned(sum(g), ZERO_ALIGNMENT * dp) for g in groups]
-        total = sum(flat)
         part = sum(f // dp for f in flat)
-        grads = total * grad_e if zero_stage == 1 else part * e
-        return ModelState(total * e, grads, part * (master + 8))
-    # ZeRO-3: every parameter is partitioned on its own, padded to a multiple of dp.
-    shards = [[-(-n // dp) for n in g] for g in groups]
-    part_params = sum(sum(s) for s in shards)
-    part_fp32 = sum(_aligned(sum(s), ZERO_ALIGNMENT) for s in shards)
-    return ModelState(part_params * e, part_params * e, part_fp32 * (master + 8))
+        if zero_stage == 2:  # a buffer for the gradients of the parameters its partition touches
+            grads = sum(_touching(g, f // dp, dp_rank) for g, f in zip(groups, flat, strict=True))
+            grads *= e
+        elif precision == "bf16":  # BF16_Optimizer: fp32 gradients of the whole flat group
+            grads = sum(flat) * 4
+        else:  # each parameter's own .grad
+            grads = n * e
+        return ModelState(sum(flat) * e, grads, part * 12)
+    # ZeRO-3: every parameter is cut on its own into dp pieces (padded to a
+    # multiple of dp); parameters up to the persistence threshold are also
+    # kept whole between uses.
+    part = sum(-(-size // dp) for g in groups for size in g)
+    persistent = sum(size for g in groups for size in g if size <= ZERO3_PERSISTENCE_THRESHOLD)
+    return ModelState((part + persistent) * e, part * e, part * 12)
+
+
+def _touching(sizes: Sequence[int], partition: int, rank: int) -> int:
+    """Elements of the parameters that overlap ``rank``'s partition of a flat group."""
+    lo, hi = rank * partition, (rank + 1) * partition
+    total, offset = 0, 0
+    for size in sizes:
+        if offset < hi and offset + size > lo:
+            total += size
+        offset += size
+    return total
 
 
 def stage_param_groups(
@@ -225,15 +252,24 @@ def estimate(cfg: Config, plan: Plan) -> Estimate:
     return Estimate(stages, time, tokens, mfu, cfg.cluster.device_memory_gb * GIB)
 
 
+def rank_model_state(
+    cfg: Config, plan: Plan, *, stage: int, dp_rank: int | None = None
+) -> ModelState:
+    """Model state of one device of ``stage`` (``dp_rank=None``: the fullest dp rank)."""
+    args = cfg.model.to_args()
+    groups = stage_param_groups(args, plan.padded_vocab_size, plan.tp, stage, plan.stage_layers)
+    precision = cfg.train.precision
+    return zero_state_bytes(
+        groups, zero_stage=plan.zero_stage, dp=plan.dp, precision=precision, dp_rank=dp_rank
+    )
+
+
 def stage_memory(cfg: Config, plan: Plan, stage: int) -> StageMemory:
     """One device of ``stage``: model state for its ZeRO stage, activations in flight."""
     args = cfg.model.to_args()
     par = cfg.parallel
     e = element_bytes(cfg.train.precision)
-    groups = stage_param_groups(args, plan.padded_vocab_size, plan.tp, stage, plan.stage_layers)
-    state = zero_state_bytes(
-        groups, zero_stage=plan.zero_stage, dp=plan.dp, precision=cfg.train.precision
-    )
+    state = rank_model_state(cfg, plan, stage=stage)
     sp = par.sequence_parallel and plan.tp > 1
     shape = dict(micro_batch=plan.micro_batch_size, seq_len=plan.seq_len, tp=plan.tp)
     layer = layer_activation_bytes(args, sp=sp, e=e, **shape)

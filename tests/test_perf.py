@@ -6,7 +6,11 @@ One efficiency factor for every case: ``cluster.compute_efficiency`` as
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import pytest
+import torch
 
 from model_parallel.args import ModelArgs
 from orchestrator.config import ClusterConfig
@@ -14,10 +18,12 @@ from orchestrator.perf import (
     GIB,
     estimate,
     layer_activation_bytes,
+    rank_model_state,
     stage_memory,
     zero_state_bytes,
 )
 from orchestrator.plan import format_plan, resolve_plan
+from tests.distributed import run_ranks
 from tests.test_config import load
 
 A100_EFFICIENCY = 0.6
@@ -94,35 +100,44 @@ def test_megatron_2022_mfu(name: str) -> None:
 
 
 def test_zero_state_hand_count() -> None:
-    """Two groups of 16 and 3 elements over dp=4 (alignment 2*dp = 8 for ZeRO-1/2)."""
+    """Two groups of 16 and 3 elements over dp=4 (ZeRO-1/2 pad each group to 2*dp = 8)."""
     groups = [[10, 6], [3]]
+
+    def state(stage: int, precision: str = "fp32", rank: int | None = None) -> tuple[int, ...]:
+        s = zero_state_bytes(groups, zero_stage=stage, dp=4, precision=precision, dp_rank=rank)
+        return (s.params, s.grads, s.optimizer)
+
     # ZeRO-0 fp32: the plain optimiser, no padding: 4 + 4 + 8 bytes.
-    z0 = zero_state_bytes(groups, zero_stage=0, dp=4, precision="fp32")
-    assert (z0.params, z0.grads, z0.optimizer) == (19 * 4, 19 * 4, 19 * 8)
-    # ZeRO-1 fp32: flat groups 16 and 3 -> 8, 24 elements; partitions 4 + 2 = 6;
-    # fp32 master + 2 moments = 12 bytes per partition element.
-    z1 = zero_state_bytes(groups, zero_stage=1, dp=4, precision="fp32")
-    assert (z1.params, z1.grads, z1.optimizer) == (24 * 4, 24 * 4, 6 * 12)
-    z2 = zero_state_bytes(groups, zero_stage=2, dp=4, precision="fp32")
-    assert (z2.params, z2.grads, z2.optimizer) == (24 * 4, 6 * 4, 6 * 12)
-    # ZeRO-3: each parameter padded to dp: 3 + 2 and 1 elements; fp32 groups
-    # padded to 2: 6 and 2.
-    z3 = zero_state_bytes(groups, zero_stage=3, dp=4, precision="fp32")
-    assert (z3.params, z3.grads, z3.optimizer) == (6 * 4, 6 * 4, 8 * 12)
-    # bf16: 2-byte weights; BF16_Optimizer (ZeRO-1) keeps fp32 gradients.
-    b1 = zero_state_bytes(groups, zero_stage=1, dp=4, precision="bf16")
-    assert (b1.params, b1.grads, b1.optimizer) == (24 * 2, 24 * 4, 6 * 12)
+    assert state(0) == (19 * 4, 19 * 4, 19 * 8)
+    # ZeRO-1 fp32: flat groups 16 and 8 elements; each parameter's own .grad;
+    # partitions 4 + 2 elements of fp32 master + 2 moments (12 bytes).
+    assert state(1) == (24 * 4, 19 * 4, 6 * 12)
+    # ZeRO-2: the gradients of the parameters the partition overlaps: rank 0
+    # covers [0, 4) of group 1 (the 10) and [0, 2) of group 2 (the 3); rank 2
+    # covers [8, 12) (the 10 and the 6) and [4, 6) (padding only); rank 3
+    # [12, 16) (the 6) and [6, 8) (padding). The plan shows the fullest, rank 2.
+    assert state(2, rank=0) == (24 * 4, 13 * 4, 6 * 12)
+    assert state(2, rank=2) == (24 * 4, 16 * 4, 6 * 12)
+    assert state(2, rank=3) == (24 * 4, 6 * 4, 6 * 12)
+    assert state(2) == state(2, rank=2)
+    # ZeRO-3: each parameter cut in 4 (3 + 2 + 1 = 6 elements); parameters of
+    # <= 100k elements are also kept whole (all 19 here).
+    assert state(3) == ((6 + 19) * 4, 6 * 4, 6 * 12)
+    # bf16: 2-byte weights; BF16_Optimizer (ZeRO-1) keeps the flat groups' gradients in fp32.
+    assert state(1, "bf16") == (24 * 2, 24 * 4, 6 * 12)
 
 
-@pytest.mark.parametrize(
-    ("stage", "per_param"),
-    [(2, lambda n, dp: 2 * n + 14 * n / dp), (3, lambda n, dp: 16 * n / dp)],
-)
-def test_zero_state_matches_the_16_bytes_rule(stage: int, per_param: object) -> None:
-    """Without padding, bf16 ZeRO-2/3 are REFERENCE.md's 2+14/dp and 16/dp bytes per parameter."""
-    n, dp = 64 * 1024, 8
-    state = zero_state_bytes([[n]], zero_stage=stage, dp=dp, precision="bf16")
-    assert state.params + state.grads + state.optimizer == per_param(n, dp)  # type: ignore[operator]
+def test_zero_state_matches_the_16_bytes_rule() -> None:
+    """Without padding, bf16 ZeRO-2/3 are REFERENCE.md's 2 + 14/dp and 16/dp bytes per parameter."""
+    dp = 8
+    many = [[4096] * 64]  # partition boundaries fall on parameter boundaries
+    n = 64 * 4096
+    z2 = zero_state_bytes(many, zero_stage=2, dp=dp, precision="bf16")
+    assert z2.params + z2.grads + z2.optimizer == 2 * n + 14 * n // dp
+    large = [[2**17] * 2]  # above the persistence threshold
+    n = 2 * 2**17
+    z3 = zero_state_bytes(large, zero_stage=3, dp=dp, precision="bf16")
+    assert z3.params + z3.grads + z3.optimizer == 16 * n // dp
 
 
 def _tiny_layer(**kw: int | bool) -> float:
@@ -174,3 +189,123 @@ def test_verdict_names_the_largest_item() -> None:
     assert "tokens/s per device, MFU" in text
     est = estimate(fits, resolve_plan(fits))
     assert est.peak.total < 80 * GIB
+
+
+# ZeRO state per rank against real DeepSpeed engines. Each rank builds the
+# model and engine as orchestrator.train does, runs a step and the backward of
+# the next, and counts the bytes of distinct storages: parameters (ZeRO-1/2: the
+# flat padded groups the parameters view; ZeRO-3: its partition buffer plus the
+# small parameters it keeps whole), gradients, and optimiser state (fp32 master
+# partitions, Adam's moments). fp32, as CPU runs train.
+
+SHAPE = ("train.precision=fp32", "train.global_batch_size=4")
+ODD = ("model.dim=98", "model.n_heads=7")  # 9 x 98 norm weights: not a multiple of 2 * dp
+TP2 = ("model.dim=100", "model.n_heads=10")
+
+
+def _storages(tensors: list[torch.Tensor]) -> int:
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(n for ptr, n in seen.items() if ptr)
+
+
+def _tensors(value: Any, depth: int = 3) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0:
+        return []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v, depth - 1)]
+    return []
+
+
+def _held(engine: Any, model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimiser state this rank holds."""
+    opt = engine.optimizer
+    params = [p.data for p in model.parameters() if p.numel()]
+    params += _tensors(getattr(opt, "bit16_groups_flat", []))
+    lp = getattr(opt, "lp_param_buffer", None)
+    params += [lp] if lp is not None else []
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for name, value in vars(opt).items():
+        if "grad" in name and "hook" not in name:
+            grads += [t for t in _tensors(value) if t.numel() > 1]
+    master = getattr(opt, "single_partition_of_fp32_groups", None)
+    master = master or getattr(opt, "fp32_partitioned_groups_flat", [])
+    inner = getattr(opt, "optimizer", opt)
+    moments = [
+        t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()
+    ]
+    return {
+        "params": _storages(params),
+        "grads": _storages(grads),
+        "optimizer": _storages(list(master) + moments),
+    }
+
+
+def _rank(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
+    os.environ["LOCAL_RANK"] = str(rank)
+    from model_parallel.groups import ProcessGroups
+    from model_parallel.layout import Layout
+    from orchestrator import engine as ds_engine
+    from orchestrator.train import build_model
+
+    cfg = load(*SHAPE, *overrides)
+    plan = resolve_plan(cfg)
+    ds_engine.init_deepspeed_comm()
+    groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
+    model: Any = build_model(cfg, plan, groups)
+    engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=False)
+    gen = torch.Generator().manual_seed(rank // plan.tp)
+    tokens = torch.randint(0, cfg.model.vocab_size, (plan.micro_batch_size, 33), generator=gen)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    if plan.pp > 1:
+        engine.train_batch(data_iter=iter([batch] * plan.num_micro_batches))
+        held = _held(engine, model)
+        held.pop("grads")  # the pipeline engine frees them inside train_batch
+    else:
+        for step in range(2):  # the first step creates Adam's moments
+            for _ in range(plan.num_micro_batches):
+                engine.backward(model.loss(engine(batch[0]), batch[1]).mean())
+                if step == 0:
+                    engine.step()
+        held = _held(engine, model)
+    if plan.zero_stage == 3:
+        engine.destroy()
+    return {"held": held, "stage": groups.pp_rank, "dp_rank": groups.dp_rank}
+
+
+LAYOUTS = [
+    (*ODD, "parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=0"),
+    (*ODD, "parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=1"),
+    (*ODD, "parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=2"),
+    (*ODD, "parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=3"),
+    (
+        *ODD,
+        "parallel=tp1pp1",
+        "parallel.dp=3",
+        "parallel.zero_stage=2",
+        "train.global_batch_size=6",
+    ),
+    (*TP2, "parallel=tp2pp1", "parallel.dp=2", "parallel.zero_stage=2"),
+    (*TP2, "parallel=tp2pp1", "parallel.dp=2", "parallel.zero_stage=3"),
+    (*ODD, "parallel=tp1pp2", "parallel.dp=2", "parallel.zero_stage=1"),
+]
+
+
+def _layout_id(overrides: tuple[str, ...]) -> str:
+    values = dict(o.split("=") for o in overrides)
+    return f"{values['parallel']}dp{values['parallel.dp']}z{values['parallel.zero_stage']}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("overrides", LAYOUTS, ids=_layout_id)
+def test_zero_state_per_rank_equals_the_plan(overrides: tuple[str, ...]) -> None:
+    cfg = load(*SHAPE, *overrides)
+    plan = resolve_plan(cfg)
+    for got in run_ranks(_rank, plan.world_size, overrides, timeout=600):
+        state = rank_model_state(cfg, plan, stage=got["stage"], dp_rank=got["dp_rank"])
+        want = {"params": state.params, "grads": state.grads, "optimizer": state.optimizer}
+        assert got["held"] == {k: want[k] for k in got["held"]}, (got, want)
