@@ -18,8 +18,11 @@ tensor by tensor against real engines in ``tests/test_perf.py``):
 - split over dp: ZeRO-1 the optimiser state, ZeRO-2 also the gradients,
   ZeRO-3 also the weights. ZeRO-1/2 flatten each parameter group (matrices
   with weight decay, norms without) and pad it to a multiple of 2·dp
-  elements; ZeRO-3 pads each parameter to a multiple of dp and each fp32
-  group to a multiple of 2·dp (``zero_state_bytes``).
+  elements. ZeRO-1 in fp32 keeps each parameter's whole ``.grad``; ZeRO-2
+  keeps the gradients of every parameter its partition overlaps (whole, so
+  ranks differ). ZeRO-3 cuts each parameter into dp pieces (padded to a
+  multiple of dp) and also keeps parameters of up to 100k elements whole
+  (``zero_state_bytes``).
 
 **Activations** per layer per micro-batch, what autograd saves in this
 implementation (``model_parallel.llama``), in units of s·b·h bytes:
@@ -93,17 +96,14 @@ def zero_state_bytes(
     precision: str,
     dp_rank: int | None = None,
 ) -> ModelState:
-    """DeepSpeed's model state on one dp rank (``None``: the fullest), padding included.
+    """DeepSpeed's model state on one dp rank, padding included.
+
+    Only ZeRO-2's gradient buffer differs between dp ranks; ``dp_rank=None``
+    gives the fullest rank's.
 
     ``groups``: the optimiser's parameter groups, each a list of parameter
     sizes (elements) in module order, as this rank's module holds them.
     """
-    if dp_rank is None:
-        ranks = [
-            zero_state_bytes(groups, zero_stage=zero_stage, dp=dp, precision=precision, dp_rank=r)
-            for r in range(dp)
-        ]
-        return max(ranks, key=lambda m: m.params + m.grads + m.optimizer)
     e = element_bytes(precision)
     n = sum(sum(g) for g in groups)
     if zero_stage == 0:  # the plain optimiser: fp32 is its own master copy
@@ -112,8 +112,12 @@ def zero_state_bytes(
         flat = [_aligned(sum(g), ZERO_ALIGNMENT * dp) for g in groups]
         part = sum(f // dp for f in flat)
         if zero_stage == 2:  # a buffer for the gradients of the parameters its partition touches
-            grads = sum(_touching(g, f // dp, dp_rank) for g, f in zip(groups, flat, strict=True))
-            grads *= e
+            touched = [_touching(g, f // dp, dp) for g, f in zip(groups, flat, strict=True)]
+            grads = e * (
+                sum(t[dp_rank] for t in touched)
+                if dp_rank is not None
+                else max(sum(t[r] for t in touched) for r in range(dp))
+            )
         elif precision == "bf16":  # BF16_Optimizer: fp32 gradients of the whole flat group
             grads = sum(flat) * 4
         else:  # each parameter's own .grad
@@ -127,15 +131,15 @@ def zero_state_bytes(
     return ModelState((part + persistent) * e, part * e, part * 12)
 
 
-def _touching(sizes: Sequence[int], partition: int, rank: int) -> int:
-    """Elements of the parameters that overlap ``rank``'s partition of a flat group."""
-    lo, hi = rank * partition, (rank + 1) * partition
-    total, offset = 0, 0
+def _touching(sizes: Sequence[int], partition: int, dp: int) -> list[int]:
+    """Per dp rank: elements of the parameters that overlap its partition of a flat group."""
+    per_rank = [0] * dp
+    offset = 0
     for size in sizes:
-        if offset < hi and offset + size > lo:
-            total += size
+        for rank in range(offset // partition, (offset + size - 1) // partition + 1):
+            per_rank[rank] += size
         offset += size
-    return total
+    return per_rank
 
 
 def stage_param_groups(

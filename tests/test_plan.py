@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from orchestrator.config import Config
-from orchestrator.plan import Plan, format_plan, resolve_plan, validate_config
+from orchestrator.plan import Plan, format_plan, resolve_plan, search_layouts, validate_config
 from tests.test_config import load
 
 
@@ -172,6 +172,22 @@ BAD = [
     ((), {"train": {"global_batch_size": -8}}, "train.global_batch_size=-8: must be a positive"),
     ((), {"model": {"dim": 0}}, "model.dim=0: must be a positive integer"),
     ((), {"model": {"n_layers": 0}}, "model.n_layers=0: must be a positive integer"),
+    (
+        ("parallel=auto",),
+        {},
+        "parallel.auto=true: needs a GPU cluster with cluster.nodes set (the devices to fill); "
+        "cluster=local has nodes=None, gpus_per_node=0",
+    ),
+    (
+        ("model=65b", "parallel=auto", "cluster=a100_80g"),
+        {"cluster": {"nodes": 1}},
+        "parallel.auto=true: none of the",
+    ),
+    (
+        ("model=7b", "cluster=a100_80g"),
+        {"cluster": {"compute_efficiency": 1.5}},
+        "cluster.compute_efficiency=1.5: must be in (0, 1]",
+    ),
 ]
 
 
@@ -185,3 +201,34 @@ def test_bad_layouts(
     text = str(info.value)
     assert text.startswith(message), text
     assert "\n" not in text
+
+
+def test_auto_picks_the_fastest_layout_that_fits() -> None:
+    """7B on one 8 x A100-80GB node: every valid layout is estimated; the best that fits wins."""
+    cfg = load("model=7b", "parallel=auto", "cluster=a100_80g", "cluster.nodes=1")
+    candidates = search_layouts(cfg)
+    # Every tp in {1, 2, 4, 8} x pp dividing 32 layers within 8 GPUs is there.
+    layouts = {(c.parallel.tp, c.parallel.pp) for c in candidates}
+    assert layouts == {(t, p) for t in (1, 2, 4, 8) for p in (1, 2, 4, 8) if t * p <= 8}
+    fitting = [c for c in candidates if c.estimate.fits]
+    assert fitting and len(fitting) < len(candidates)  # some do not fit and are ranked last
+    assert candidates[: len(fitting)] == tuple(fitting)
+    speeds = [c.estimate.tokens_per_s_per_device for c in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(c.parallel.zero_stage >= 1 for c in candidates)  # bf16 needs ZeRO >= 1
+    assert all(c.parallel.zero_stage <= 1 for c in candidates if c.parallel.pp > 1)
+
+    plan = validate_config(cfg)
+    best = fitting[0].parallel
+    assert cfg.parallel == best and not cfg.parallel.auto  # what the ranks and run dir see
+    assert (plan.tp, plan.pp, plan.dp, plan.zero_stage) == (
+        best.tp,
+        best.pp,
+        best.dp,
+        best.zero_stage,
+    )
+    assert resolve_plan(cfg).candidates == ()  # the concrete layout resolves as any other
+    text = format_plan(plan, cfg)
+    assert f"parallel=auto: chose tp{best.tp} pp{best.pp} dp{best.dp}" in text
+    assert f"parallel=auto: {len(candidates)} valid layouts, {len(fitting)} fit" in text
+    assert "#  tp  pp    dp  zero  micro  ckpt  memory GiB  fits  tokens/s/device    MFU" in text
