@@ -306,7 +306,7 @@ def write_and_submit(
             write_atomic(run_dir / name, text)
         if sbatch is None:
             return None
-        return _sbatch(sbatch, run_dir / SCRIPT_NAME, cwd=cwd)
+        job_id = _sbatch(sbatch, run_dir / SCRIPT_NAME, cwd=cwd)
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -317,6 +317,8 @@ def write_and_submit(
                 else:
                     write_atomic(run_dir / name, old)
         raise
+    write_atomic(run_dir / "job_id", job_id + "\n")  # status knows the job while it is pending
+    return job_id
 
 
 def _read(path: Path) -> str | None:
@@ -432,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep = commands.add_parser("prepare", help="create or reuse RUN_DIR/config.yaml")
     prep.add_argument("run_dir", type=Path)
     prep.add_argument("--ntasks", type=int, default=0, help="the job's tasks (SLURM_NTASKS)")
+    prep.add_argument("--job-id", default="", help="recorded in RUN_DIR/job_id (SLURM_JOB_ID)")
     render = commands.add_parser("render-checked-in", help="regenerate slurm/llama*.sh")
     render.add_argument("--check", action="store_true", help="only report stale scripts")
     # Config overrides follow "--" (none: the run directory must already have a config).
@@ -441,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             print(prepare(args.run_dir, argv[split + 1 :], ntasks=args.ntasks), flush=True)
+            if args.job_id:  # for ``python -m orchestrator.status RUN_DIR``
+                write_atomic(args.run_dir / "job_id", args.job_id + "\n")
             return 0
         return _render_all(check=args.check)
     except (ValueError, HydraException, OmegaConfBaseException) as exc:

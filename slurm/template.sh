@@ -21,7 +21,8 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 # 1. Written on the first start; a requeued job finds it and resumes from the
 #    last checkpoint (run.resume=auto). Arguments to this script are config
 #    overrides for the first start.
-"$PYTHON" -m orchestrator.slurm prepare "$RUN_DIR" --ntasks "${SLURM_NTASKS:-0}" -- {{overrides}}${1+"$@"}
+"$PYTHON" -m orchestrator.slurm prepare "$RUN_DIR" --ntasks "${SLURM_NTASKS:-0}" \
+    --job-id "${SLURM_JOB_ID:-}" -- {{overrides}}${1+"$@"}
 
 # 2. This shell runs on the first node. Its address as SLURM knows it (NodeAddr,
 #    usable where node names do not resolve) and a port free on it now.

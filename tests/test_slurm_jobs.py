@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +100,17 @@ def test_job_on_two_nodes_trains_like_the_local_launcher(
     ]
     _assert_same_losses(read_metrics(run_dir / "metrics.jsonl"), reference)
     assert latest_tag(run_dir) == f"step_{STEPS:08d}"
+    # the status command finds the job and asks SLURM about it
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator.status", str(run_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=slurm_cluster.env,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    assert f"slurm job {job}: COMPLETED" in status.stdout, status.stdout
 
 
 def test_usr1_checkpoints_requeues_and_finishes(
@@ -173,9 +186,6 @@ def test_job_the_cluster_refuses_is_one_line_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:
     """The real sbatch refuses a partition it does not have: one error line, exit 2, no run dir."""
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "run.py"), *RUN]
@@ -233,8 +243,6 @@ def test_run_py_started_by_srun_trains_as_one_rank_per_task(
     tmp_path: Path,
 ) -> None:
     """``launcher=auto`` inside an allocation: each task is a rank (rendezvous found by itself)."""
-    import sys
-
     run_dir = tmp_path / "run"
     slurm_cluster.run(
         ["srun", "-N2", "-n4", "--ntasks-per-node=2", sys.executable, "launch/run.py", *RUN]

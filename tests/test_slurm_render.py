@@ -444,8 +444,10 @@ def test_launcher_slurm_submits(tmp_path: Path) -> None:
         "config.yaml",
         "deepspeed.json",
         "job.sh",
+        "job_id",
         "logs",
     ]
+    assert (run_dir / "job_id").read_text() == "4242\n"
     script = (run_dir / "job.sh").read_text()
     assert f"--output={run_dir}/logs/slurm-%j.out" in script and "--nodes=1" in script
     assert load_config(run_dir / "config.yaml").run.dir == str(run_dir)
