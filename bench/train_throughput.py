@@ -1,0 +1,168 @@
+"""Training tokens/s on this CPU: our LLaMA against transformers' LlamaForCausalLM.
+
+One process, the same shapes, batch and optimiser (AdamW, lr 3e-4, betas 0.9
+and 0.95, weight decay 0.1) for both, in fp32 and in bf16 (weights, gradients
+and optimiser state all bf16: both models are cast, no autocast). The two
+models alternate: each round times ``--steps`` steps of ours, then of theirs,
+so a change in machine load hits both. Model FLOPs utilisation is measured
+against this machine's own peak: a square ``torch.mm`` timed here in each
+precision. Model FLOPs per token: ``orchestrator.flops.model_flops_per_token``
+(6·N_matmul + 12·l·s·d). transformers is given ``labels`` and shifts them
+itself; we give next-token targets; both compute logits for all s positions.
+
+    python bench/train_throughput.py                 # tiny and 60M, fp32 and bf16
+    python bench/train_throughput.py --models 60m --precisions bf16 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model_parallel.args import ModelArgs  # noqa: E402
+from model_parallel.llama import Transformer  # noqa: E402
+from orchestrator.flops import model_flops_per_token  # noqa: E402
+
+# name: (shape, micro-batch, seq)
+MODELS = {
+    "tiny": (ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64), 8, 128),
+    "60m": (ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256), 4, 512),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peak(dtype: torch.dtype, *, n: int = 2048, reps: int = 10) -> float:
+    """Best FLOP/s of a square n x n matmul in ``dtype`` (2·n³ FLOPs)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def ours(
+    args: ModelArgs, dtype: torch.dtype
+) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+    model = Transformer(args, seed=0).to(dtype)
+
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        return model.loss(model(inputs), targets).float().mean()
+
+    return model, loss
+
+
+def hugging_face(
+    args: ModelArgs, dtype: torch.dtype
+) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.dim,
+        intermediate_size=args.hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_heads,
+        vocab_size=args.vocab_size,
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        inputs = tokens[:, :-1]
+        return model(input_ids=inputs, labels=inputs).loss
+
+    return model, loss
+
+
+def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def time_steps(
+    loss_fn: Callable[..., torch.Tensor], opt: torch.optim.Optimizer, tokens: torch.Tensor, n: int
+) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(tokens).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench(name: str, precision: str, *, rounds: int, steps: int) -> dict[str, float]:
+    args, batch, seq = MODELS[name]
+    args = ModelArgs(**{**args.__dict__, "max_seq_len": seq})
+    dtype = DTYPES[precision]
+    torch.manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
+    runners = {}
+    for label, build in (("ours", ours), ("hf", hugging_face)):
+        model, loss_fn = build(args, dtype)
+        opt = optimizer(model)
+        time_steps(loss_fn, opt, tokens, 2)  # warm-up: allocator, optimiser state
+        runners[label] = (loss_fn, opt)
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    for _ in range(rounds):
+        for label, (loss_fn, opt) in runners.items():
+            times[label] += time_steps(loss_fn, opt, tokens, steps)
+    peak = matmul_peak(dtype)
+    flops = model_flops_per_token(args, seq)
+    out = {"peak_gflops": peak / 1e9}
+    for label, samples in times.items():
+        tps = batch * seq / statistics.median(samples)
+        out[f"{label}_tokens_per_s"] = tps
+        out[f"{label}_mfu"] = tps * flops / peak
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
+    opts = parser.parse_args()
+    import transformers
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f}"
+    )
+    header = "model  precision  peak GFLOP/s  ours tok/s  hf tok/s  ours/hf  ours MFU  hf MFU"
+    print(header)
+    for name in opts.models:
+        for precision in opts.precisions:
+            r = bench(name, precision, rounds=opts.rounds, steps=opts.steps)
+            print(
+                f"{name:5}  {precision:9}  {r['peak_gflops']:12.1f}  {r['ours_tokens_per_s']:10.1f}"
+                f"  {r['hf_tokens_per_s']:8.1f}  {r['ours_tokens_per_s'] / r['hf_tokens_per_s']:7.2f}"
+                f"  {100 * r['ours_mfu']:7.1f}%  {100 * r['hf_mfu']:5.1f}%",
+                flush=True,
+            )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
