@@ -6,8 +6,10 @@ width, t = tp, p = pp, m micro-batches per step, e bytes per activation and
 weight element (2 in bf16/fp16, 4 in fp32), Psi' the parameters one device
 holds on its stage (``Plan.stage_params_per_rank``).
 
-**Model state** follows what DeepSpeed allocates for our config (checked
-tensor by tensor against real engines in ``tests/test_perf.py``):
+**Model state** follows what DeepSpeed 0.19 allocates for our config (in
+fp32 checked storage by storage against real engines for ZeRO 0-3 and
+tp/pp/dp layouts in ``tests/test_perf.py``; the bf16 rules are read from
+DeepSpeed's source, not measured on CPU):
 
 - fp32: ZeRO-0 is the plain optimiser, 4 + 4 + 8 (weights, gradients, two
   Adam moments). ZeRO-1/2/3 also keep an fp32 master copy of their partition,

@@ -11,7 +11,7 @@ its value and the rule, printing every factor involved.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from model_parallel.args import ModelArgs, padded_vocab_size
 from orchestrator import perf
@@ -42,7 +42,7 @@ class Plan:
     num_padded_params: int  # with the embedding and output padded to padded_vocab_size
     stage_params_per_rank: tuple[int, ...]  # parameters held by one tp rank of each stage
     # parallel.auto: every layout considered, best first (the first is this plan's).
-    candidates: tuple[Candidate, ...] = ()
+    candidates: tuple[Candidate, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def grad_accumulation_steps(self) -> int:
