@@ -12,6 +12,7 @@ itself; we give next-token targets; both compute logits for all s positions.
 
     python bench/train_throughput.py                 # tiny and 60M, fp32 and bf16
     python bench/train_throughput.py --models 60m --precisions bf16 --rounds 5
+    python bench/train_throughput.py --models 60m --precisions bf16 --profile
 """
 
 from __future__ import annotations
@@ -136,13 +137,36 @@ def bench(name: str, precision: str, *, rounds: int, steps: int) -> dict[str, fl
     return out
 
 
+def profile(name: str, precision: str, *, steps: int = 3, rows: int = 15) -> None:
+    """Print torch.profiler's busiest ops over ``steps`` steps of each model."""
+    from torch.profiler import profile as torch_profile
+
+    args, batch, seq = MODELS[name]
+    args = ModelArgs(**{**args.__dict__, "max_seq_len": seq})
+    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
+    for label, build in (("ours", ours), ("hf", hugging_face)):
+        model, loss_fn = build(args, DTYPES[precision])
+        opt = optimizer(model)
+        time_steps(loss_fn, opt, tokens, 2)
+        with torch_profile() as prof:
+            time_steps(loss_fn, opt, tokens, steps)
+        print(f"== {label}: {name} {precision}, {steps} steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
+    parser.add_argument("--profile", action="store_true", help="print each model's busiest ops")
     opts = parser.parse_args()
+    if opts.profile:
+        for name in opts.models:
+            for precision in opts.precisions:
+                profile(name, precision)
+        return
     import transformers
 
     print(
