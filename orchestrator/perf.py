@@ -6,17 +6,19 @@ width, t = tp, p = pp, m micro-batches per step, e bytes per activation and
 weight element (2 in bf16/fp16, 4 in fp32), Psi' the parameters one device
 holds on its stage (``Plan.stage_params_per_rank``).
 
-**Model state** follows what DeepSpeed 0.19 allocates for our config (in
-fp32 checked storage by storage against real engines for ZeRO 0-3 and
-tp/pp/dp layouts in ``tests/test_perf.py``; the bf16 rules are read from
-DeepSpeed's source, not measured on CPU):
+**Model state** follows what DeepSpeed 0.19 allocates for our config
+(checked storage by storage against real CPU engines for ZeRO 0-3, fp32 and
+bf16, and tp/pp/dp layouts in ``tests/test_perf.py``; fp16 is GPU-only and
+unmeasured):
 
 - fp32: ZeRO-0 is the plain optimiser, 4 + 4 + 8 (weights, gradients, two
   Adam moments). ZeRO-1/2/3 also keep an fp32 master copy of their partition,
   so 4 + 4 + 12 split as below.
 - bf16/fp16: 2 (weights) + 2 (gradients) + 12 (fp32 master, two moments),
-  except that bf16 at ZeRO-0/1 runs DeepSpeed's ``BF16_Optimizer`` (our JSON
-  asks for fp32 gradient accumulation), which holds all gradients in fp32: 4.
+  except that our JSON asks for fp32 gradient accumulation in bf16: at
+  ZeRO-1 DeepSpeed's ``BF16_Optimizer`` holds each bf16 ``.grad`` and the
+  whole flat groups' gradients in fp32 (2 + 4), at ZeRO-2/3 the gradient
+  partition is fp32 (4/dp).
 - split over dp: ZeRO-1 the optimiser state, ZeRO-2 also the gradients,
   ZeRO-3 also the weights. ZeRO-1/2 flatten each parameter group (matrices
   with weight decay, norms without) and pad it to a multiple of 2·dp
@@ -107,21 +109,24 @@ def zero_state_bytes(
     sizes (elements) in module order, as this rank's module holds them.
     """
     e = element_bytes(precision)
+    bf16 = precision == "bf16"  # our DeepSpeed JSON accumulates bf16 gradients in fp32
     n = sum(sum(g) for g in groups)
     if zero_stage == 0:  # the plain optimiser: fp32 is its own master copy
         return ModelState(n * e, n * e, n * (8 if precision == "fp32" else 12))
     if zero_stage in (1, 2):
         flat = [_aligned(sum(g), ZERO_ALIGNMENT * dp) for g in groups]
         part = sum(f // dp for f in flat)
-        if zero_stage == 2:  # a buffer for the gradients of the parameters its partition touches
+        if zero_stage == 2 and bf16:  # its fp32 accumulation buffer: the partition
+            grads = part * 4
+        elif zero_stage == 2:  # a buffer for the gradients of the parameters its partition touches
             touched = [_touching(g, f // dp, dp) for g, f in zip(groups, flat, strict=True)]
             grads = e * (
                 sum(t[dp_rank] for t in touched)
                 if dp_rank is not None
                 else max(sum(t[r] for t in touched) for r in range(dp))
             )
-        elif precision == "bf16":  # BF16_Optimizer: fp32 gradients of the whole flat group
-            grads = sum(flat) * 4
+        elif bf16:  # BF16_Optimizer: each .grad in bf16 and the whole flat groups in fp32
+            grads = n * e + sum(flat) * 4
         else:  # each parameter's own .grad
             grads = n * e
         return ModelState(sum(flat) * e, grads, part * 12)
@@ -130,7 +135,7 @@ def zero_state_bytes(
     # kept whole between uses.
     part = sum(-(-size // dp) for g in groups for size in g)
     persistent = sum(size for g in groups for size in g if size <= ZERO3_PERSISTENCE_THRESHOLD)
-    return ModelState((part + persistent) * e, part * e, part * 12)
+    return ModelState((part + persistent) * e, part * (4 if bf16 else e), part * 12)
 
 
 def _touching(sizes: Sequence[int], partition: int, dp: int) -> list[int]:

@@ -123,20 +123,29 @@ def test_zero_state_hand_count() -> None:
     # ZeRO-3: each parameter cut in 4 (3 + 2 + 1 = 6 elements); parameters of
     # <= 100k elements are also kept whole (all 19 here).
     assert state(3) == ((6 + 19) * 4, 6 * 4, 6 * 12)
-    # bf16: 2-byte weights; BF16_Optimizer (ZeRO-1) keeps the flat groups' gradients in fp32.
-    assert state(1, "bf16") == (24 * 2, 24 * 4, 6 * 12)
+    # bf16 (fp32 gradient accumulation): 2-byte weights; BF16_Optimizer (ZeRO-1)
+    # keeps each bf16 .grad and the flat groups' gradients in fp32; ZeRO-2/3 an
+    # fp32 gradient partition.
+    assert state(1, "bf16") == (24 * 2, 19 * 2 + 24 * 4, 6 * 12)
+    assert state(2, "bf16") == (24 * 2, 6 * 4, 6 * 12)
+    assert state(3, "bf16") == ((6 + 19) * 2, 6 * 4, 6 * 12)
 
 
 def test_zero_state_matches_the_16_bytes_rule() -> None:
-    """Without padding, bf16 ZeRO-2/3 are REFERENCE.md's 2 + 14/dp and 16/dp bytes per parameter."""
+    """Without padding, fp16 ZeRO-2/3 are REFERENCE.md's 2 + 14/dp and 16/dp bytes per parameter.
+
+    (bf16 differs only in its fp32 gradient accumulation: 4/dp instead of 2/dp.)
+    """
     dp = 8
     many = [[4096] * 64]  # partition boundaries fall on parameter boundaries
     n = 64 * 4096
-    z2 = zero_state_bytes(many, zero_stage=2, dp=dp, precision="bf16")
+    z2 = zero_state_bytes(many, zero_stage=2, dp=dp, precision="fp16")
     assert z2.params + z2.grads + z2.optimizer == 2 * n + 14 * n // dp
+    b2 = zero_state_bytes(many, zero_stage=2, dp=dp, precision="bf16")
+    assert b2.params + b2.grads + b2.optimizer == 2 * n + 16 * n // dp
     large = [[2**17] * 2]  # above the persistence threshold
     n = 2 * 2**17
-    z3 = zero_state_bytes(large, zero_stage=3, dp=dp, precision="bf16")
+    z3 = zero_state_bytes(large, zero_stage=3, dp=dp, precision="fp16")
     assert z3.params + z3.grads + z3.optimizer == 16 * n // dp
 
 
@@ -201,6 +210,7 @@ def test_verdict_names_the_largest_item() -> None:
 SHAPE = ("train.precision=fp32", "train.global_batch_size=4")
 ODD = ("model.dim=98", "model.n_heads=7")  # 9 x 98 norm weights: not a multiple of 2 * dp
 TP2 = ("model.dim=100", "model.n_heads=10")
+BF16 = ("train.precision=bf16",)
 
 
 def _storages(tensors: list[torch.Tensor]) -> int:
@@ -231,8 +241,15 @@ def _held(engine: Any, model: torch.nn.Module) -> dict[str, int]:
     for name, value in vars(opt).items():
         if "grad" in name and "hook" not in name:
             grads += [t for t in _tensors(value) if t.numel() > 1]
-    master = getattr(opt, "single_partition_of_fp32_groups", None)
-    master = master or getattr(opt, "fp32_partitioned_groups_flat", [])
+    master = [
+        t
+        for name in (
+            "single_partition_of_fp32_groups",
+            "fp32_partitioned_groups_flat",
+            "fp32_groups_flat_partition",
+        )  # ZeRO-1/2, ZeRO-3, BF16_Optimizer
+        for t in getattr(opt, name, [])
+    ]
     inner = getattr(opt, "optimizer", opt)
     moments = [
         t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()
@@ -291,12 +308,18 @@ LAYOUTS = [
     (*TP2, "parallel=tp2pp1", "parallel.dp=2", "parallel.zero_stage=2"),
     (*TP2, "parallel=tp2pp1", "parallel.dp=2", "parallel.zero_stage=3"),
     (*ODD, "parallel=tp1pp2", "parallel.dp=2", "parallel.zero_stage=1"),
+    (*ODD, *BF16, "parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=1"),
+    (*ODD, *BF16, "parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=2"),
+    (*ODD, *BF16, "parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=3"),
 ]
 
 
 def _layout_id(overrides: tuple[str, ...]) -> str:
     values = dict(o.split("=") for o in overrides)
-    return f"{values['parallel']}dp{values['parallel.dp']}z{values['parallel.zero_stage']}"
+    precision = values.get("train.precision", "fp32")
+    return (
+        f"{values['parallel']}dp{values['parallel.dp']}z{values['parallel.zero_stage']}{precision}"
+    )
 
 
 @pytest.mark.slow
