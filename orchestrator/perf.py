@@ -29,15 +29,18 @@ unmeasured):
   (``zero_state_bytes``).
 
 **Activations** per layer per micro-batch, what autograd saves in this
-implementation (``model_parallel.llama``), in units of s·b·h bytes:
+implementation (``model_parallel.llama``; checked tensor by tensor in
+``tests/test_perf.py``), in units of s·b·h bytes:
 
-- two RMSNorms, each the fp32 copy it normalises: 2·4 (/t with sequence parallelism);
-- the inputs of the q/k/v and w1/w3 projections: 2·e (with sequence
-  parallelism these are the all-gathered copies, held full, plus the
-  norms' outputs 2·e/t);
-- q, k, v after rotary and the attention output (SDPA's flash kernels keep
-  no s x s scores), the copy that feeds wo: 5·e/t;
-- SwiGLU: w1 x, w3 x, silu(w1 x) and the product that feeds w2: 4·e·f/(h·t).
+- two RMSNorms, each its fp32 copy of x (4) and x/rms before the weight (e):
+  2·(4 + e), /t with sequence parallelism;
+- the inputs of the q/k/v and w1/w3 projections (x/rms times the weight):
+  2·e (with sequence parallelism these are the all-gathered copies, held full);
+- q, k, v after rotary and the attention output, which is also wo's input
+  (SDPA's flash kernels keep no s x s scores): 4·e/t;
+- SwiGLU: w1 x, w3 x, silu(w1 x) and the product that feeds w2: 4·e·f/(h·t);
+- per token, not per h: RMSNorm's two 1/rms (2·4, /t with sequence
+  parallelism) and attention's logsumexp (4·heads/t).
 
 No dropout, so no masks. Full activation checkpointing keeps only each
 layer's input (e, /t with sequence parallelism) plus one layer's activations
@@ -173,12 +176,13 @@ def layer_activation_bytes(
     args: ModelArgs, *, micro_batch: int, seq_len: int, tp: int, sp: bool, e: int
 ) -> float:
     """Bytes one layer saves for backward per micro-batch (module docstring)."""
-    sbh = micro_batch * seq_len * args.dim
+    sb = micro_batch * seq_len
     split = tp if sp else 1
-    norms = 2 * 4 / split
-    linear_inputs = 2 * e + (2 * e / tp if sp else 0)
-    sharded = (5 * e + 4 * e * args.hidden_dim / args.dim) / tp
-    return sbh * (norms + linear_inputs + sharded)
+    norms = (2 * 4 + 2 * e) / split  # the fp32 copies and the normalised x before the weight
+    linear_inputs = 2 * e  # (with sequence parallelism the all-gathered copies)
+    sharded = (4 * e + 4 * e * args.hidden_dim / args.dim) / tp
+    per_token = 2 * 4 / split + 4 * args.n_heads / tp  # RMSNorm's 1/rms, attention's logsumexp
+    return sb * args.dim * (norms + linear_inputs + sharded) + sb * per_token
 
 
 def logits_bytes(

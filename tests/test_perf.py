@@ -157,18 +157,49 @@ def _tiny_layer(**kw: int | bool) -> float:
 
 
 def test_layer_activations_hand_count() -> None:
-    """tiny: h=128, f=384 (2/3*4*128 = 341 -> multiple of 64), b=2, s=64, bf16.
+    """tiny: h=128, a=8, f=384 (2/3*4*128 = 341 -> multiple of 64), b=2, s=64, bf16.
 
-    Per s*b*h: 2 norms x 4 (fp32 copies) + 2 x 2 (linear inputs) + 5 x 2
-    (q, k, v, attention output, wo input) + 4 x 2 x 384/128 (SwiGLU) = 46.
+    Per s*b*h: norms 2 x (4 + 2) + linear inputs 2 x 2 + q, k, v, attention
+    output 4 x 2 + SwiGLU 4 x 2 x 384/128 = 48; per s*b: 2 x 4 (1/rms) + 4 x 8
+    (logsumexp) = 40.
     """
-    sbh = 2 * 64 * 128
-    assert _tiny_layer() == sbh * 46
-    # tp=2: the 5x2 and SwiGLU terms halve: 8 + 4 + (10 + 24) / 2 = 29.
-    assert _tiny_layer(tp=2) == sbh * 29
-    # + sequence parallelism: norms halve, the gathered linear inputs stay
-    # full and the norms' outputs add 2 x 2 / 2: 4 + 4 + 2 + 17 = 27.
-    assert _tiny_layer(tp=2, sp=True) == sbh * 27
+    sb = 2 * 64
+    assert _tiny_layer() == sb * 128 * 48 + sb * 40
+    # tp=2: the attention and SwiGLU terms and the logsumexp halve.
+    assert _tiny_layer(tp=2) == sb * 128 * (12 + 4 + (8 + 24) / 2) + sb * (8 + 16)
+    # + sequence parallelism: the norms halve too; the gathered linear inputs stay full.
+    assert _tiny_layer(tp=2, sp=True) == sb * 128 * (6 + 4 + 16) + sb * (4 + 16)
+
+
+def _saved_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in ``block(x)``, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(("dtype", "e"), [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_layer_activations_are_what_autograd_saves(dtype: torch.dtype, e: int) -> None:
+    """The formula against the tensors a real block saves (batch 3 minus batch 1:
+    the rotary tables, which do not grow with the batch, cancel)."""
+    from model_parallel.llama import TransformerBlock
+
+    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
+    block = TransformerBlock(args, tp_group=None, sequence_parallel=False).to(dtype)
+    x3 = torch.randn(3, 64, 128, dtype=dtype, requires_grad=True)
+    x1 = torch.randn(1, 64, 128, dtype=dtype, requires_grad=True)
+    measured = _saved_bytes(block, x3) - _saved_bytes(block, x1)
+    shape = dict(seq_len=64, tp=1, sp=False, e=e)
+    assert measured == layer_activation_bytes(args, micro_batch=2, **shape)  # type: ignore[arg-type]
 
 
 def test_one_f_one_b_in_flight_and_checkpointing() -> None:
