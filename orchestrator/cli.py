@@ -25,7 +25,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator import dist_env, slurm
+from orchestrator import dist_env, perf, slurm
 from orchestrator.config import Config, config_yaml, register_configs
 from orchestrator.data.build import resolve_paths
 from orchestrator.engine import deepspeed_config
@@ -93,6 +93,8 @@ def main(cfg: DictConfig) -> int:
         config = to_config(cfg)
         plan = validate_config(config)
         deepspeed_config(config, plan)  # an extra key that conflicts fails here
+        if not config.dry_run:
+            check_fits_memory(config, plan)
         launcher = "dry_run" if config.dry_run else choose_launcher(config, plan)
         script = None
         if "slurm" in (launcher, config.launcher):
@@ -146,6 +148,30 @@ def choose_launcher(config: Config, plan: Plan) -> str:
             "e.g. cluster=a100_80g launcher=slurm, to submit it)"
         )
         raise ValueError(f"{exc}; {where}; or dry_run=true to only check it") from exc
+
+
+def check_fits_memory(config: Config, plan: Plan) -> None:
+    """Refuse a GPU layout whose planned memory per device exceeds ``cluster.device_memory_gb``.
+
+    Whatever launches it (local, sbatch, a rank of a running job), such a run
+    would only end in an out-of-memory error. CPU clusters are not checked:
+    their ranks share the host's memory, which the per-device plan does not model.
+    """
+    if config.cluster.gpus_per_node == 0:
+        return
+    est = perf.estimate(config, plan)
+    if est.fits:
+        return
+    peak = est.peak
+    gib = 2.0**30
+    largest = dict(peak.items())[peak.largest]
+    raise ValueError(
+        f"cluster.device_memory_gb={config.cluster.device_memory_gb:g}: the plan needs "
+        f"{peak.total / gib:.1f} GiB per device on pipeline stage {peak.stage} "
+        f"(largest item: {peak.largest} {largest / gib:.1f} GiB); raise parallel.tp or "
+        "parallel.pp, use parallel.zero_stage, parallel.activation_checkpointing or a "
+        "smaller parallel.micro_batch_size, or parallel=auto; dry_run=true prints the plan"
+    )
 
 
 def _check_fits_locally(config: Config, plan: Plan, *, launcher: str = "local") -> None:

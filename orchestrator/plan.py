@@ -198,7 +198,8 @@ def _resolve_world(par: ParallelConfig, cluster: ClusterConfig) -> tuple[int, in
     if cluster.nodes is None or gpus == 0:
         dp = 1 if par.dp == -1 else par.dp
         world_size = model_parallel * dp
-        nodes = 1 if gpus == 0 else -(-world_size // gpus)
+        per_node = gpus or cluster.tasks_per_node or world_size  # CPU: tasks_per_node ranks each
+        nodes = -(-world_size // per_node)
         return world_size, dp, nodes
     world_size = cluster.nodes * gpus
     world = (
@@ -268,10 +269,10 @@ def format_plan(plan: Plan, cfg: Config) -> str:
     """A human-readable, greppable summary: one ``key: value`` per line."""
     m, c = cfg.model, cfg.cluster
     args = m.to_args()
+    noun = "node" if plan.nodes == 1 else "nodes"
     if c.gpus_per_node == 0:
-        nodes = f"{plan.nodes} node, {plan.world_size} CPU worker processes"
+        nodes = f"{plan.nodes} {noun}, {plan.world_size} CPU worker processes"
     else:
-        noun = "node" if plan.nodes == 1 else "nodes"
         nodes = f"{plan.nodes} {noun} x {c.gpus_per_node} GPUs ({c.device})"
     lines = [
         f"model: {m.name}, {_billions(plan.num_params)} params (dim {m.dim}, "

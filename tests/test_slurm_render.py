@@ -111,6 +111,7 @@ def test_cpu_cluster_has_no_gres_and_tasks_per_node() -> None:
     script = slurm.render_sbatch(config, plan, "/runs/x", python="/venv/bin/python", workdir="/w")
     options = _options(script)
     assert options[1:4] == ["--nodes=2", "--ntasks=4", "--ntasks-per-node=2"]
+    assert plan.nodes == 2  # the plan counts the nodes the script asks for
     assert not any(
         o.startswith(("--gpus", "--gres", "--partition", "--exclusive")) for o in options
     )
@@ -509,6 +510,17 @@ def test_refused_job_restores_an_existing_run_dir(tmp_path: Path) -> None:
             ("launcher=slurm", "cluster.time_limit=1h"),
             True,
             "error: cluster.time_limit=1h: must be",
+        ),
+        (
+            ("launcher=slurm", "model=65b"),
+            True,
+            "error: cluster.device_memory_gb=80: the plan needs 179.8 GiB per device on "
+            "pipeline stage 0 (largest item: optimizer state 91.2 GiB); raise parallel.tp",
+        ),
+        (
+            ("model=65b",),
+            True,
+            "error: cluster.device_memory_gb=80: the plan needs 179.8 GiB per device",
         ),
         (
             (),
