@@ -90,6 +90,10 @@ class ModelConfig:
     # Start from these weights (a Hugging Face LlamaForCausalLM directory, or a
     # Meta release with params.json) instead of the random init; any layout.
     init_from: str | None = None
+    # torch.compile each transformer block (inductor; CPU needs a C++ compiler).
+    # The first step pays the compile (tens of seconds); the weights, their
+    # names and checkpoints are unchanged. Not with pipeline parallelism.
+    compile: bool = False
 
     def to_args(self) -> ModelArgs:
         """The shape fields, as the model package takes them."""
@@ -373,6 +377,9 @@ class FaultsConfig:
     spike_window: int = 50  # good steps in that mean
     # Testing aid: make the loss NaN on the N-th global batches drawn (pp = 1 only).
     inject_nan_at_steps: list[int] = field(default_factory=list)
+    # Testing aid: this rank sleeps inject_slow_s at the start of every step (a straggler).
+    inject_slow_rank: int | None = None
+    inject_slow_s: float = 0.0
 
     def validate(self) -> None:
         _positive_float("faults.hang_timeout_s", self.hang_timeout_s)
@@ -380,6 +387,8 @@ class FaultsConfig:
         if self.spike_factor != 0 and self.spike_factor <= 1:
             raise _fail("faults.spike_factor", self.spike_factor, "must be 0 (off) or > 1")
         _positive("faults.spike_window", self.spike_window)
+        if self.inject_slow_s < 0:
+            raise _fail("faults.inject_slow_s", self.inject_slow_s, "must be >= 0")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """What a run tells its operators: the start-up banner, progress lines, metrics sinks.
 
 Every rank keeps a ``Monitor``: it times the steps and puts the recent step
-time and peak memory into the rank's heartbeat (``orchestrator.status`` reads
-them to find stragglers). Rank 0 also prints the banner and the progress line
+time, busy time (the step minus its waits in collectives, see
+``orchestrator.commwait``) and peak memory into the rank's heartbeat
+(``orchestrator.status`` compares busy times to find stragglers). Rank 0 also prints the banner and the progress line
 and writes ``metrics.jsonl``, TensorBoard events (``RUN_DIR/tensorboard``) and,
 when ``monitor.wandb_project`` is set and ``wandb`` is installed, Weights &
 Biases.
@@ -59,6 +60,7 @@ class Monitor:
         )
         self.last_step = 0
         self._recent: deque[float] = deque(maxlen=_ETA_WINDOW)
+        self._recent_busy: deque[float] = deque(maxlen=_ETA_WINDOW)  # step minus collective waits
         self._interval_time, self._interval_steps = 0.0, 0
         self.writer = MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
         self._sinks: list[_Sink] = []
@@ -73,6 +75,7 @@ class Monitor:
         lr: float,
         grad_norm: float | None,
         elapsed: float,
+        comm_wait: float = 0.0,
         consumed_tokens: int,
         skipped_steps: int,
         loss_scale: float | None,
@@ -81,10 +84,15 @@ class Monitor:
         """After every optimiser step on every rank; logs on rank 0 when ``log_now``."""
         self.last_step = step
         self._recent.append(elapsed)
+        self._recent_busy.append(max(elapsed - comm_wait, 0.0))
         self._interval_time += elapsed
         self._interval_steps += 1
         memory = peak_memory_gb(self.device)
-        self.heartbeat.note(step_time_s=sum(self._recent) / len(self._recent), peak_mem_gb=memory)
+        self.heartbeat.note(
+            step_time_s=sum(self._recent) / len(self._recent),
+            busy_s=sum(self._recent_busy) / len(self._recent_busy),
+            peak_mem_gb=memory,
+        )
         if self.writer is None or not log_now:
             return
         step_time = self._interval_time / self._interval_steps

@@ -11,11 +11,12 @@ safe on a live run. It shows:
 * the latest complete checkpoint and its age;
 * hang suspects: ranks that have not ended and whose heartbeat
   (``heartbeats/rank_N.json``) is older than ``--stale-after``;
-* stragglers: ranks whose recent step time is over 1.3 x the median, and
-  ranks whose heartbeat step is behind the others. In lockstep training a slow
-  rank holds everyone back, so the step time is a rank's own wall time per
-  step: it singles a rank out when its time outside the shared collectives
-  differs (data, a slow host), and the step lag catches a rank that stopped;
+* stragglers: ranks whose recent busy time (the step minus its waits inside
+  collectives, ``orchestrator.commwait``) is over 1.3 x the median, and ranks
+  whose heartbeat step is behind the others. In lockstep training a slow rank
+  holds everyone back, so all step times are equal; the others wait for the
+  slow one, and it waits least. Heartbeats without a busy time (older runs)
+  fall back to the step time; the step lag catches a rank that stopped;
 * the last warnings and errors in ``logs/rank_N.log``.
 
 ``--follow`` refreshes with a progress bar until the run ends; ``--plot``
@@ -46,6 +47,7 @@ from orchestrator.metrics import format_duration, read_metrics
 EXIT_BAD_INPUT = 2
 JOB_ID_FILES = ("job_id", "slurm_job_id")  # a plain job id, if the submitter recorded one
 STRAGGLER_FACTOR = 1.3
+STRAGGLER_MIN_SHARE = 0.05  # of the step time
 _SLURM_OUT = re.compile(r"^slurm-(\d+)\.out$")
 _TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})")
 _PROBLEM = re.compile(r"\] (WARNING|ERROR|CRITICAL) |\b\w*(Error|Exception)\b:|^Traceback|^error:")
@@ -61,6 +63,7 @@ class RankBeat:
     age_s: float
     step_time_s: float | None
     peak_mem_gb: float | None
+    busy_s: float | None = None  # step time minus waits in collectives (orchestrator.commwait)
 
     @property
     def exited(self) -> bool:
@@ -143,6 +146,7 @@ def read_heartbeats(run_dir: Path) -> list[RankBeat]:
                 age_s=max(0.0, now - float(b["time"])),
                 step_time_s=None if step_time is None else float(step_time),
                 peak_mem_gb=None if memory is None else float(memory),
+                busy_s=None if b.get("busy_s") is None else float(b["busy_s"]),
             )
         )
     return sorted(beats, key=lambda b: b.rank)
@@ -232,22 +236,41 @@ def describe_checkpoint(run_dir: Path) -> str:
 
 
 def find_stragglers(beats: list[RankBeat]) -> list[str]:
+    """Ranks whose busy time (else step time) is over ``STRAGGLER_FACTOR`` x the median.
+
+    Synchronous ranks share one step time, so the busy time (the step minus
+    the waits in collectives) is what tells the slow rank: the others wait for
+    it. A difference under ``STRAGGLER_MIN_SHARE`` of the step is noise.
+    """
     live = [b for b in beats if not b.exited]
-    out = []
-    times = [b.step_time_s for b in live if b.step_time_s]
-    if len(times) >= 2:
-        median = statistics.median(times)
-        for b in live:
-            if b.step_time_s and b.step_time_s > STRAGGLER_FACTOR * median:
-                out.append(
-                    f"rank {b.rank} ({b.host}): {b.step_time_s:.3f}s per step, "
-                    f"{b.step_time_s / median:.1f} x the median {median:.3f}s"
-                )
+    out = _slow_ranks(live, busy=all(b.busy_s is not None for b in live))
     if live:
         ahead = max(b.step for b in live)
         for b in live:
             if b.step < ahead - 1:
                 out.append(f"rank {b.rank} ({b.host}): at step {b.step}, others at {ahead}")
+    return out
+
+
+def _slow_ranks(live: list[RankBeat], *, busy: bool) -> list[str]:
+    values = {b.rank: (b.busy_s if busy else b.step_time_s) or 0.0 for b in live}
+    if len([v for v in values.values() if v]) < 2:
+        return []
+    median = statistics.median(values.values())
+    step = max(b.step_time_s or 0.0 for b in live)
+    out = []
+    for b in live:
+        value = values[b.rank]
+        if value > STRAGGLER_FACTOR * median and value - median > STRAGGLER_MIN_SHARE * step:
+            what = (
+                f"busy {value:.3f}s of a {b.step_time_s or 0:.3f}s step"
+                if busy
+                else (f"{value:.3f}s per step")
+            )
+            out.append(
+                f"rank {b.rank} ({b.host}): {what}, {value / max(median, 1e-9):.1f} x the "
+                f"median {median:.3f}s"
+            )
     return out
 
 

@@ -31,6 +31,7 @@ from model_parallel.llama import Transformer
 from model_parallel.pipeline import LlamaPipeline, load_stage_state_dict
 from orchestrator import checkpoint, reshard
 from orchestrator import engine as ds_engine
+from orchestrator.commwait import CommWaitClock
 from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
@@ -104,9 +105,12 @@ def train(cfg: Config, run_dir: Path) -> int:
     if start_step == 0:
         evaluate(0)
     step = start_step
+    comm_wait = CommWaitClock().install()  # busy = step - waits: the straggler signal
     while step < cfg.train.steps:
         watchdog.progress(step, f"training step {step + 1}")
-        start = time.perf_counter()
+        start, waited_before = time.perf_counter(), comm_wait.total
+        if env.rank == cfg.faults.inject_slow_rank:
+            time.sleep(cfg.faults.inject_slow_s)  # a testing aid: a straggler
         lr = engine.get_lr()[0]
         skips_before = engine.skipped_steps
         if plan.pp > 1:
@@ -117,6 +121,7 @@ def train(cfg: Config, run_dir: Path) -> int:
             poison = batch_number in cfg.faults.inject_nan_at_steps
             loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, poison)
         elapsed = time.perf_counter() - start
+        waited = comm_wait.total - waited_before
         done = step + 1
         verdict = guard.observe(loss, skipped=engine.skipped_steps > skips_before)
         monitor.step_done(
@@ -125,6 +130,7 @@ def train(cfg: Config, run_dir: Path) -> int:
             lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             elapsed=elapsed,
+            comm_wait=waited,
             consumed_tokens=_consumed_tokens(data, plan),
             skipped_steps=guard.skipped_total,
             loss_scale=loss_scale(engine, cfg.train.precision),
@@ -163,6 +169,7 @@ def train(cfg: Config, run_dir: Path) -> int:
             break
         step = done
 
+    comm_wait.uninstall()
     watchdog.stop()
     monitor.close()
     _shutdown(engine)

@@ -112,9 +112,11 @@ def test_stale_heartbeat_and_straggler(finished: Path, tmp_path: Path) -> None:
     beats = run_dir / "heartbeats"
     now = time.time()
     template = json.loads((beats / "rank_0.json").read_text())
-    for rank, age, step_time in [(0, 1.0, 0.2), (1, 3600.0, 0.2), (2, 2.0, 0.9), (3, 1.0, 0.21)]:
+    # lockstep: one step time; rank 2 is busy for most of it, the others wait for it
+    for rank, age, busy in [(0, 1.0, 0.2), (1, 3600.0, 0.2), (2, 2.0, 0.85), (3, 1.0, 0.21)]:
         fields = {"rank": rank, "step": 4, "phase": "training step 5", "time": now - age}
-        _beat(beats / f"rank_{rank}.json", **{**template, **fields, "step_time_s": step_time})
+        step = {"step_time_s": 0.9, "busy_s": busy}
+        _beat(beats / f"rank_{rank}.json", **{**template, **fields, **step})
     proc = _status(str(run_dir))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -126,14 +128,64 @@ def test_stale_heartbeat_and_straggler(finished: Path, tmp_path: Path) -> None:
     for rank in (0, 2, 3):
         assert f"rank {rank} (" not in suspects
     stragglers = out.split("stragglers:")[1].split("last errors:")[0]
-    assert "rank 2 (" in stragglers and "0.900s per step" in stragglers
+    assert "rank 2 (" in stragglers and "busy 0.850s of a 0.900s step" in stragglers
     for rank in (0, 1, 3):
         assert f"rank {rank} (" not in stragglers
+    # heartbeats of a run from before busy times: the step times are compared
+    for rank, step_time in [(0, 0.2), (1, 0.2), (2, 0.9), (3, 0.21)]:
+        record = json.loads((beats / f"rank_{rank}.json").read_text())
+        del record["busy_s"]
+        (beats / f"rank_{rank}.json").write_text(json.dumps({**record, "step_time_s": step_time}))
+    stragglers = _status(str(run_dir)).stdout.split("stragglers:")[1]
+    assert "rank 2 (" in stragglers and "0.900s per step" in stragglers
+    assert "rank 0 (" not in stragglers and "rank 3 (" not in stragglers
     # every rank silent: not responding
     for rank in range(4):
         _beat(beats / f"rank_{rank}.json", time=now - 7200)
     silent = _status(str(run_dir)).stdout
     assert re.search(r"job: local: not responding: no heartbeat for 72\d\ds", silent)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_real_straggler_is_named(tmp_path: Path) -> None:
+    """dp2, rank 1 made slow: both ranks' step times are equal, rank 1 is named by its busy time."""
+    run_dir = tmp_path / "slow"
+    proc = start_launch(
+        "model=tiny",
+        "parallel=tp1pp1",
+        "parallel.dp=2",
+        "data=synthetic",
+        "train.steps=100000",
+        "train.log_interval=1",
+        "faults.inject_slow_rank=1",
+        "faults.inject_slow_s=0.5",
+        f"run.dir={run_dir}",
+    )
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 6):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        beats = [json.loads(p.read_text()) for p in sorted((run_dir / "heartbeats").glob("*"))]
+        step_times = [b["step_time_s"] for b in beats]
+        assert step_times[0] == pytest.approx(step_times[1], rel=0.2)  # lockstep
+        assert beats[1]["busy_s"] > 0.5 > beats[0]["busy_s"]  # rank 0 waits for rank 1
+        out = _status(str(run_dir)).stdout
+        stragglers = out.split("stragglers:")[1].split("last errors:")[0]
+        assert "rank 1 (" in stragglers and "rank 0 (" not in stragglers, out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pid in worker_pids(run_dir):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
