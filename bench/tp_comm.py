@@ -256,15 +256,16 @@ def run_layout(
     opt = _optimizer(model)
     losses = [_step(model, opt, tokens, dp_group) for _ in range(warmup)]
     counter = AllReduceCounter(model, groups.tp_group)
-    times, counts = [], []
+    times, cpu, counts = [], [], []
     with counter.counting():
         for _ in range(steps):
             counter.reset()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             losses.append(_step(model, opt, tokens, dp_group))
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)  # all threads of this process
             counts.append((dict(counter.sites), counter.other))
-    return {"times": times, "losses": losses, "counts": counts}
+    return {"times": times, "cpu": cpu, "losses": losses, "counts": counts}
 
 
 # --- report -----------------------------------------------------------------------------
@@ -295,18 +296,25 @@ def compare_bytes(measured: dict[Site, Tally], analytic: dict[Site, Tally]) -> l
     return lines
 
 
-def summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median step (a step ends when its slowest rank does), all-reduce seconds, losses."""
-    steps = range(len(ranks[0]["times"]))
+def summarise(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over every timed step of every run (``run_layout``'s results, one per rank).
+
+    A step ends when its slowest rank does: its time is the largest over the
+    ranks, and so are its CPU seconds and its seconds inside all-reduce.
+    """
+
+    def median(value: Any) -> float:
+        return statistics.median(
+            max(value(r, i) for r in ranks) for ranks in runs for i in range(len(ranks[0]["times"]))
+        )
+
     return {
-        "procs": len(ranks),
-        "step_s": statistics.median(max(r["times"][i] for r in ranks) for i in steps),
-        "tp_s": statistics.median(
-            max(sum(t.seconds for t in r["counts"][i][0].values()) for r in ranks) for i in steps
-        ),
-        "dp_s": statistics.median(max(r["counts"][i][1].seconds for r in ranks) for i in steps),
-        "losses": [statistics.mean(x) for x in zip(*(r["losses"] for r in ranks), strict=True)],
-        "counts": [c for r in ranks for c in r["counts"]],  # rank 0's steps first
+        "procs": len(runs[0]),
+        "step_s": median(lambda r, i: r["times"][i]),
+        "cpu_s": median(lambda r, i: r["cpu"][i]),
+        "tp_s": median(lambda r, i: sum(t.seconds for t in r["counts"][i][0].values())),
+        "dp_s": median(lambda r, i: r["counts"][i][1].seconds),
+        "counts": [c for ranks in runs for r in ranks for c in r["counts"]],
     }
 
 
@@ -315,7 +323,8 @@ def main() -> None:
     parser.add_argument("--size", default="60m", choices=list(SIZES))
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per layout per round")
+    parser.add_argument("--rounds", type=int, default=2, help="each round runs every layout")
     opts = parser.parse_args()
     args, batch, seq = SIZES[opts.size]
     print(
@@ -325,21 +334,33 @@ def main() -> None:
     print(
         f"model {opts.size}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads,"
         f" vocab {args.vocab_size}, seq {seq}, micro-batch {batch}, fp32, AdamW;"
-        f" {opts.warmup} warm-up + {opts.steps} timed steps per layout",
+        f" {opts.rounds} rounds of every layout, each {opts.warmup} warm-up + {opts.steps}"
+        " timed steps",
         flush=True,
     )
-    results = {}
-    for layout in opts.layouts:
-        world = 2 if layout in ("tp2", "dp2") else 1
-        ranks = run_ranks(
-            run_layout, world, layout, SIZES[opts.size], opts.warmup, opts.steps, timeout=1800.0
-        )
-        results[layout] = summarise(ranks)
-        losses = " ".join(f"{x:.6f}" for x in results[layout]["losses"])
-        print(f"  {layout} done; losses (mean over ranks), warm-up first: {losses}", flush=True)
+    runs: dict[str, list[list[dict[str, Any]]]] = {layout: [] for layout in opts.layouts}
+    for round_ in range(opts.rounds):
+        for layout in opts.layouts:
+            world = 2 if layout in ("tp2", "dp2") else 1
+            ranks = run_ranks(
+                run_layout, world, layout, SIZES[opts.size], opts.warmup, opts.steps, timeout=1800
+            )
+            runs[layout].append(ranks)
+            times = " ".join(
+                f"{max(t):.3f}" for t in zip(*(r["times"] for r in ranks), strict=True)
+            )
+            losses = " ".join(
+                f"{statistics.mean(x):.6f}" for x in zip(*(r["losses"] for r in ranks), strict=True)
+            )
+            print(
+                f"  round {round_} {layout}: step s {times}; loss (mean over ranks, warm-up"
+                f" first) {losses}; load average {_load()}",
+                flush=True,
+            )
+    results = {layout: summarise(r) for layout, r in runs.items()}
     print(
         f"\n{'layout':7} {'procs':>5} {'threads':>7} {'step s':>7} {'vs tp1':>6} {'vs tp1-1t':>9}"
-        f" {'tp AR s':>7} {'dp AR s':>7} {'tokens/s':>8}"
+        f" {'cpu s':>6} {'tp AR s':>7} {'dp AR s':>7} {'tokens/s':>8}"
     )
     for layout, r in results.items():
         ratios = [
@@ -348,7 +369,7 @@ def main() -> None:
         ]
         print(
             f"{layout:7} {r['procs']:5d} {2 if layout == 'tp1' else 1:7d} {r['step_s']:7.3f}"
-            f" {ratios[0]:>6} {ratios[1]:>9} {r['tp_s']:7.3f} {r['dp_s']:7.3f}"
+            f" {ratios[0]:>6} {ratios[1]:>9} {r['cpu_s']:6.3f} {r['tp_s']:7.3f} {r['dp_s']:7.3f}"
             f" {batch * seq / r['step_s']:8.1f}"
         )
     if "tp2" in results:
