@@ -21,8 +21,13 @@ gradients of wq/wk/wv and of w1/w3, column-parallel), plus the embedding's
 forward one (b·s·h), the output layer's backward one (b·s·h) and the
 cross entropy's three of b·s (max, target logit, sum of exponentials).
 
-    flock /tmp/cpu.lock python bench/tp_comm.py
-    flock /tmp/cpu.lock python bench/tp_comm.py --size tiny --steps 3
+Each round runs every layout once; the table gives medians over all timed
+steps, a step's time being its slowest rank's. ``cpu s``: the process's CPU
+seconds per step (all its threads); ``tp AR s``/``dp AR s``: seconds inside
+``all_reduce`` per step, transfer plus waiting for the peer.
+
+    flock /tmp/cpu.lock python bench/tp_comm.py               # 60m, about 4 minutes
+    flock /tmp/cpu.lock python bench/tp_comm.py --size tiny --steps 3 --rounds 1
 """
 
 from __future__ import annotations
