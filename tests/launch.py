@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,3 +35,15 @@ def worker_pids(run_dir: Path) -> list[int]:
         ["pgrep", "-f", f"orchestrator.worker {run_dir}"], capture_output=True, text=True
     )
     return sorted(int(p) for p in out.stdout.split())
+
+
+def wait_for_steps(
+    proc: subprocess.Popen[str], run_dir: Path, steps: int, *, timeout: float = 180
+) -> None:
+    """Until ``metrics.jsonl`` has ``steps`` lines; fails if the run ends or never gets there."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{run_dir}: {steps} steps not logged in {timeout}s"
+        time.sleep(0.3)

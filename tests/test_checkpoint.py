@@ -17,7 +17,7 @@ from orchestrator.faults import EXIT_REQUEUE
 from orchestrator.metrics import read_metrics
 from orchestrator.weights import read_checkpoint
 from tests.distributed import run_ranks
-from tests.launch import run_launch, start_launch
+from tests.launch import run_launch, start_launch, wait_for_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -158,12 +158,7 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path, storm: bool) 
     run_dir = tmp_path / "signal"
     proc = start_launch(*COMMON, f"run.dir={run_dir}", "parallel=tp2pp1", "train.steps=100000")
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        wait_for_steps(proc, run_dir, 3)
         proc.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
         # More signals while the step finishes and the checkpoint is written (an
         # impatient operator, scancel after the time-limit signal): no effect.
@@ -178,7 +173,7 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path, storm: bool) 
             proc.kill()
             proc.wait()
     assert proc.returncode == EXIT_REQUEUE, stderr[-3000:]
-    last_step = int(read_metrics(metrics)[-1]["step"])
+    last_step = int(read_metrics(run_dir / "metrics.jsonl")[-1]["step"])
     assert latest_tag(run_dir) == f"step_{last_step:08d}"
     assert "stopped by signal" in stdout
     assert not list(checkpoint_dir(run_dir).glob("*.partial"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from orchestrator.metrics import read_metrics
 from orchestrator.schedule import lr_at
-from tests.launch import run_launch, start_launch, worker_pids
+from tests.launch import run_launch, start_launch, wait_for_steps, worker_pids
 
 STEPS = 10
 RTOL = 1e-4
@@ -151,7 +152,8 @@ def test_failing_worker_fails_the_job(tmp_path: Path) -> None:
         expect=1,
         timeout=120,
     )
-    assert "error: rank 0 failed (exit code 1)" in proc.stderr, proc.stderr[-2000:]
+    # every rank fails; the launcher names the first to exit
+    assert re.search(r"error: rank [01] failed \(exit code 1\)", proc.stderr), proc.stderr[-2000:]
     assert "ValidationError" in proc.stderr  # its last error line
     assert time.monotonic() - start < 90
 
@@ -160,12 +162,7 @@ def test_killed_worker_stops_the_job_within_seconds(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     proc = start_launch(*_overrides(run_dir, "parallel=tp2pp1"), "train.steps=100000")
     try:
-        deadline = time.monotonic() + 180
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.5)
+        wait_for_steps(proc, run_dir, 2)
         pids = worker_pids(run_dir)
         assert len(pids) == 2
         victim = max(pids)  # started second: rank 1
