@@ -1,4 +1,5 @@
-"""Optional NVIDIA apex kernels, with torch's native equivalents as the fallback.
+"""Optional NVIDIA apex kernels, with torch's native equivalents as the fallback,
+and the inductor-compiled loss of the ``model.compile`` fast path.
 
 apex is never a dependency: on the package index ``apex`` is an unrelated web
 toolkit. When something named ``apex`` is importable but is not NVIDIA's
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +54,29 @@ def fused_adam_class() -> type | None:
         return None
     cls = getattr(mod, "FusedAdam", None)
     return cls if isinstance(cls, type) else None
+
+
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, *, vocab_size: int, ignore_index: int = -100
+) -> torch.Tensor:
+    """Per-token ``logsumexp(z) - z[target]`` ``(...)`` from full (tp = 1) logits ``(..., V_pad)``.
+
+    Computed in fp32 whatever the logits' dtype; columns at or past
+    ``vocab_size`` (padding) are dropped; ``ignore_index`` targets give zero
+    loss and zero gradient. The same numbers as ``vocab_parallel_cross_entropy``
+    at tp = 1, up to fp32 rounding.
+    """
+    z = logits[..., :vocab_size].float()  # (..., V)
+    loss = F.cross_entropy(
+        z.flatten(0, -2), target.flatten(), reduction="none", ignore_index=ignore_index
+    )
+    return loss.view(target.shape)
+
+
+@functools.cache
+def compiled_cross_entropy() -> Callable[..., torch.Tensor]:
+    """``cross_entropy`` through inductor: the fp32 upcast, max, exp-sum and the
+    backward's ``softmax - one_hot`` fuse into a few passes over the logits
+    instead of about ten (the loss over a 32,000-word vocabulary is a large
+    share of a small model's step on CPU)."""
+    return torch.compile(cross_entropy)

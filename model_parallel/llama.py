@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model_parallel.args import ModelArgs, padded_vocab_size
 from model_parallel.cross_entropy import vocab_parallel_cross_entropy
-from model_parallel.fused import fused_rms_norm_affine
+from model_parallel.fused import compiled_cross_entropy, fused_rms_norm_affine
 from model_parallel.groups import ProcessGroups
 from model_parallel.layers import (
     ColumnParallelLinear,
@@ -167,6 +167,28 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def compile_model(model: nn.Module) -> int:
+    """``torch.compile`` every ``TransformerBlock`` of ``model`` in place, and at tp = 1
+    a whole ``Transformer``'s loss; returns the number of blocks compiled.
+
+    Each block's ``forward`` (norms, rotary, attention, SwiGLU, residuals, and
+    their backward) becomes inductor kernels that fuse the elementwise work
+    between the matmuls, including the fp32 round trips of RMSNorm and RoPE
+    (same fp32 math, no materialised copies). ``Module.compile`` keeps the
+    module and its parameter names, so state dicts, checkpoints and the
+    optimiser see the same model. All blocks share one traced graph
+    (parameters are graph inputs), so the compile is paid once per shape, at
+    the first step. The loss is compiled at tp = 1 only: with the vocabulary
+    split over tp it needs its all-reduces (``vocab_parallel_cross_entropy``).
+    """
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    for block in blocks:
+        block.compile()
+    if isinstance(model, Transformer) and group_size(model.tp_group) == 1:
+        model.compiled_loss = True
+    return len(blocks)
+
+
 def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
@@ -225,6 +247,7 @@ class Transformer(nn.Module):
         self.tp_group = groups.tp_group
         self.sequence_parallel = sequence_parallel and groups.tp_size > 1
         self.activation_checkpointing = activation_checkpointing
+        self.compiled_loss = False  # set by compile_model (tp = 1)
         self.padded_vocab_size = padded_vocab_size(args.vocab_size, groups.tp_size)
         layers = range(args.n_layers) if layers is None else layers
         sp, tp_group = self.sequence_parallel, self.tp_group
@@ -281,6 +304,8 @@ class Transformer(nn.Module):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy ``(B, S)`` from this rank's logits shard."""
+        if self.compiled_loss:
+            return compiled_cross_entropy()(logits, target, vocab_size=self.args.vocab_size)
         return vocab_parallel_cross_entropy(
             logits, target, tp_group=self.tp_group, vocab_size=self.args.vocab_size
         )

@@ -90,9 +90,10 @@ class ModelConfig:
     # Start from these weights (a Hugging Face LlamaForCausalLM directory, or a
     # Meta release with params.json) instead of the random init; any layout.
     init_from: str | None = None
-    # torch.compile each transformer block (inductor; CPU needs a C++ compiler).
-    # The first step pays the compile (tens of seconds); the weights, their
-    # names and checkpoints are unchanged. Not with pipeline parallelism.
+    # torch.compile each transformer block, and the loss at tp = 1 (inductor; on
+    # CPU it needs a C++ compiler). The first step pays the compile (tens of
+    # seconds); weights, their names and checkpoints are unchanged. Works with
+    # every layout: at tp > 1 each collective splits the compiled graph.
     compile: bool = False
 
     def to_args(self) -> ModelArgs:
