@@ -1,23 +1,31 @@
 """Training tokens/s on this CPU: our LLaMA against transformers' LlamaForCausalLM.
 
-One process, the same shapes, batch and optimiser (AdamW, lr 3e-4, betas 0.9
-and 0.95, weight decay 0.1) for both, in fp32 and in bf16 (weights, gradients
-and optimiser state all bf16: both models are cast, no autocast). The two
-models alternate: each round times ``--steps`` steps of ours, then of theirs,
-so a change in machine load hits both. Model FLOPs utilisation is measured
-against this machine's own peak: a square ``torch.mm`` timed here in each
-precision. Model FLOPs per token: ``orchestrator.flops.model_flops_per_token``
+One process, the same shapes, batch and optimiser for both: the trainer's own
+``orchestrator.engine.build_optimizer`` (torch's fused AdamW, lr 3e-4, betas
+0.9 and 0.95, weight decay 0.1 on matrices only), in fp32 and in bf16
+(weights, gradients and optimiser state all bf16: both models are cast, no
+autocast). The runners alternate: each round times ``--steps`` steps of each,
+so a change in machine load hits all of them. Model FLOPs utilisation is
+measured against this machine's own peak: a square ``torch.mm`` timed here in
+each precision. Model FLOPs per token: ``orchestrator.flops.model_flops_per_token``
 (6·N_matmul + 12·l·s·d). transformers is given ``labels`` and shifts them
 itself; we give next-token targets; both compute logits for all s positions.
 
+Runners: ``ours`` (eager), ``hf`` (eager, the reference of every ratio) and,
+with ``--compile``, ``ours+compile`` (``model.compile=true``: the trainer's
+``compile_model``, blocks and tp = 1 loss) and ``hf+compile`` (the whole
+``LlamaForCausalLM`` compiled, loss included). Warm-up steps, where the
+compile happens, are not timed.
+
     python bench/train_throughput.py                 # tiny and 60M, fp32 and bf16
-    python bench/train_throughput.py --models 60m --precisions bf16 --rounds 5
+    python bench/train_throughput.py --models 60m --precisions bf16 --compile
     python bench/train_throughput.py --models 60m --precisions bf16 --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -31,7 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model_parallel.args import ModelArgs  # noqa: E402
-from model_parallel.llama import Transformer  # noqa: E402
+from model_parallel.llama import Transformer, compile_model  # noqa: E402
+from orchestrator.config import Config, TrainConfig  # noqa: E402
+from orchestrator.engine import build_optimizer  # noqa: E402
 from orchestrator.flops import model_flops_per_token  # noqa: E402
 
 # name: (shape, micro-batch, seq)
@@ -55,10 +65,13 @@ def matmul_peak(dtype: torch.dtype, *, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def ours(
-    args: ModelArgs, dtype: torch.dtype
-) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+Runner = tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def ours(args: ModelArgs, dtype: torch.dtype, *, compile: bool) -> Runner:
     model = Transformer(args, seed=0).to(dtype)
+    if compile:
+        compile_model(model)
 
     def loss(tokens: torch.Tensor) -> torch.Tensor:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -67,9 +80,7 @@ def ours(
     return model, loss
 
 
-def hugging_face(
-    args: ModelArgs, dtype: torch.dtype
-) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+def hugging_face(args: ModelArgs, dtype: torch.dtype, *, compile: bool) -> Runner:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -86,6 +97,8 @@ def hugging_face(
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config).to(dtype)
+    if compile:
+        model.compile()  # the whole model, loss included: what a transformers user would do
 
     def loss(tokens: torch.Tensor) -> torch.Tensor:
         inputs = tokens[:, :-1]
@@ -94,8 +107,19 @@ def hugging_face(
     return model, loss
 
 
+RUNNERS: dict[str, Callable[[ModelArgs, torch.dtype], Runner]] = {
+    "ours": functools.partial(ours, compile=False),
+    "hf": functools.partial(hugging_face, compile=False),
+    "ours+compile": functools.partial(ours, compile=True),
+    "hf+compile": functools.partial(hugging_face, compile=True),
+}
+WARMUP_STEPS = 3  # allocator, optimiser state, and the compile (twice for dynamic shapes)
+
+
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    """The trainer's optimiser for this model (``orchestrator.engine.build_optimizer``)."""
+    train = TrainConfig(steps=1, global_batch_size=1, lr=3e-4, weight_decay=0.1)
+    return build_optimizer(model, Config(train=train))
 
 
 def time_steps(
@@ -111,21 +135,28 @@ def time_steps(
     return times
 
 
-def bench(name: str, precision: str, *, rounds: int, steps: int) -> dict[str, float]:
+def _shape(name: str) -> tuple[ModelArgs, int, int]:
     args, batch, seq = MODELS[name]
-    args = ModelArgs(**{**args.__dict__, "max_seq_len": seq})
+    return ModelArgs(**{**args.__dict__, "max_seq_len": seq}), batch, seq
+
+
+def bench(
+    name: str, precision: str, runners: list[str], *, rounds: int, steps: int
+) -> dict[str, float]:
+    """Tokens/s (median step) and MFU of each runner; ``peak_gflops`` of this precision."""
+    args, batch, seq = _shape(name)
     dtype = DTYPES[precision]
     torch.manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
-    runners = {}
-    for label, build in (("ours", ours), ("hf", hugging_face)):
-        model, loss_fn = build(args, dtype)
+    built = {}
+    for label in runners:
+        model, loss_fn = RUNNERS[label](args, dtype)
         opt = optimizer(model)
-        time_steps(loss_fn, opt, tokens, 2)  # warm-up: allocator, optimiser state
-        runners[label] = (loss_fn, opt)
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
+        time_steps(loss_fn, opt, tokens, WARMUP_STEPS)
+        built[label] = (loss_fn, opt)
+    times: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(rounds):
-        for label, (loss_fn, opt) in runners.items():
+        for label, (loss_fn, opt) in built.items():
             times[label] += time_steps(loss_fn, opt, tokens, steps)
     peak = matmul_peak(dtype)
     flops = model_flops_per_token(args, seq)
@@ -137,17 +168,18 @@ def bench(name: str, precision: str, *, rounds: int, steps: int) -> dict[str, fl
     return out
 
 
-def profile(name: str, precision: str, *, steps: int = 3, rows: int = 15) -> None:
-    """Print torch.profiler's busiest ops over ``steps`` steps of each model."""
+def profile(
+    name: str, precision: str, runners: list[str], *, steps: int = 3, rows: int = 15
+) -> None:
+    """Print torch.profiler's busiest ops over ``steps`` steps of each runner."""
     from torch.profiler import profile as torch_profile
 
-    args, batch, seq = MODELS[name]
-    args = ModelArgs(**{**args.__dict__, "max_seq_len": seq})
+    args, batch, seq = _shape(name)
     tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
-    for label, build in (("ours", ours), ("hf", hugging_face)):
-        model, loss_fn = build(args, DTYPES[precision])
+    for label in runners:
+        model, loss_fn = RUNNERS[label](args, DTYPES[precision])
         opt = optimizer(model)
-        time_steps(loss_fn, opt, tokens, 2)
+        time_steps(loss_fn, opt, tokens, WARMUP_STEPS)
         with torch_profile() as prof:
             time_steps(loss_fn, opt, tokens, steps)
         print(f"== {label}: {name} {precision}, {steps} steps")
@@ -159,13 +191,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
-    parser.add_argument("--profile", action="store_true", help="print each model's busiest ops")
+    parser.add_argument("--steps", type=int, default=3, help="steps per runner per round")
+    parser.add_argument(
+        "--compile", action="store_true", help="add ours+compile and hf+compile runners"
+    )
+    parser.add_argument("--profile", action="store_true", help="print each runner's busiest ops")
     opts = parser.parse_args()
+    runners = ["ours", "hf"] + (["ours+compile", "hf+compile"] if opts.compile else [])
     if opts.profile:
         for name in opts.models:
             for precision in opts.precisions:
-                profile(name, precision)
+                profile(name, precision, runners)
         return
     import transformers
 
@@ -174,17 +210,17 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f}"
     )
-    header = "model  precision  peak GFLOP/s  ours tok/s  hf tok/s  ours/hf  ours MFU  hf MFU"
-    print(header)
+    print("model  precision  peak GFLOP/s  runner        tok/s  vs hf    MFU")
     for name in opts.models:
         for precision in opts.precisions:
-            r = bench(name, precision, rounds=opts.rounds, steps=opts.steps)
-            print(
-                f"{name:5}  {precision:9}  {r['peak_gflops']:12.1f}  {r['ours_tokens_per_s']:10.1f}"
-                f"  {r['hf_tokens_per_s']:8.1f}  {r['ours_tokens_per_s'] / r['hf_tokens_per_s']:7.2f}"
-                f"  {100 * r['ours_mfu']:7.1f}%  {100 * r['hf_mfu']:5.1f}%",
-                flush=True,
-            )
+            r = bench(name, precision, runners, rounds=opts.rounds, steps=opts.steps)
+            for label in runners:
+                tps = r[f"{label}_tokens_per_s"]
+                print(
+                    f"{name:5}  {precision:9}  {r['peak_gflops']:12.1f}  {label:12}  {tps:7.1f}"
+                    f"  {tps / r['hf_tokens_per_s']:5.2f}  {100 * r[f'{label}_mfu']:5.1f}%",
+                    flush=True,
+                )
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
