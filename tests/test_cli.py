@@ -57,7 +57,10 @@ def test_cfg_job_prints_the_composed_config() -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("model=13c",), "error: model=13c: no config 'model/13c'; available: 13b, 33b, 65b, 7b"),
+        (
+            ("model=13c",),
+            "error: model=13c: no config 'model/13c'; available: 13b, 1b, 33b, 65b, 7b",
+        ),
         (("parallel.tpp=2",), "error: parallel.tpp=2: Key 'tpp' not in 'ParallelConfig'"),
         (("+parallel.foo=1",), "error: parallel.foo: unknown key"),
         (("parallel.tp=abc",), "error: parallel.tp=abc: Value 'abc'"),
@@ -89,7 +92,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], expected: s
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model=13c"], "model=13c: no config 'model/13c'; available: 13b, 33b, 65b, 7b, tiny"),
+        (["model=13c"], "model=13c: no config 'model/13c'; available: 13b, 1b, 33b, 65b, 7b, tiny"),
         (["cluster=nope"], "cluster=nope: no config 'cluster/nope'; available: a100_40g"),
         (["parallel.tpp=2"], "parallel.tpp=2: Key 'tpp' not in 'ParallelConfig'"),
         (["foo=1"], "foo=1: Key 'foo' not in 'Config'"),
