@@ -20,12 +20,23 @@ compile happens, are not timed.
     python bench/train_throughput.py                 # tiny and 60M, fp32 and bf16
     python bench/train_throughput.py --models 60m --precisions bf16 --compile
     python bench/train_throughput.py --models 60m --precisions bf16 --profile
+
+On a GPU (``bench/gpu_check.sh``): ``--device cuda`` times with a
+synchronize around each step, measures the matmul peak with 8192-sized
+products, and ``--peak-tflops`` makes MFU relative to the device's nominal
+peak instead (the measured one is still printed). ``--runners`` picks a
+subset (eager and compiled in separate processes keep a 1B model's four
+copies out of one GPU's memory); ``--json`` also writes the rows to a file.
+
+    python bench/train_throughput.py --device cuda --models 1b --precisions bf16 \
+        --runners ours hf --peak-tflops 989 --json eager.json
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import platform
 import statistics
@@ -48,19 +59,38 @@ from orchestrator.flops import model_flops_per_token  # noqa: E402
 MODELS = {
     "tiny": (ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64), 8, 128),
     "60m": (ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256), 4, 512),
+    # conf/model/1b.yaml's shape, for a GPU (8,192 tokens per step).
+    "1b": (
+        ModelArgs(dim=2048, n_layers=22, n_heads=16, vocab_size=32000, multiple_of=256),
+        4,
+        2048,
+    ),
 }
+CPU_MODELS = ["tiny", "60m"]  # the default: what this CPU runs in minutes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU = torch.device("cpu")
+GPU_MATMUL_N = 8192  # a 2048-sized product is too small to reach a GPU's peak
 
 
-def matmul_peak(dtype: torch.dtype, *, n: int = 2048, reps: int = 10) -> float:
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    dtype: torch.dtype, *, n: int = 2048, reps: int = 10, device: torch.device = CPU
+) -> float:
     """Best FLOP/s of a square n x n matmul in ``dtype`` (2·n³ FLOPs)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    a = torch.randn(n, n).to(device, dtype)
+    b = torch.randn(n, n).to(device, dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -68,8 +98,10 @@ def matmul_peak(dtype: torch.dtype, *, n: int = 2048, reps: int = 10) -> float:
 Runner = tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
 
-def ours(args: ModelArgs, dtype: torch.dtype, *, compile: bool) -> Runner:
-    model = Transformer(args, seed=0).to(dtype)
+def ours(
+    args: ModelArgs, dtype: torch.dtype, *, compile: bool, device: torch.device = CPU
+) -> Runner:
+    model = Transformer(args, seed=0).to(device, dtype)
     if compile:
         compile_model(model)
 
@@ -80,7 +112,9 @@ def ours(args: ModelArgs, dtype: torch.dtype, *, compile: bool) -> Runner:
     return model, loss
 
 
-def hugging_face(args: ModelArgs, dtype: torch.dtype, *, compile: bool) -> Runner:
+def hugging_face(
+    args: ModelArgs, dtype: torch.dtype, *, compile: bool, device: torch.device = CPU
+) -> Runner:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -96,7 +130,8 @@ def hugging_face(args: ModelArgs, dtype: torch.dtype, *, compile: bool) -> Runne
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).to(dtype)
+    with device:  # initialised where it runs: a 1B model's init on a GPU takes no time
+        model = LlamaForCausalLM(config).to(dtype)
     if compile:
         model.compile()  # the whole model, loss included: what a transformers user would do
 
@@ -107,7 +142,7 @@ def hugging_face(args: ModelArgs, dtype: torch.dtype, *, compile: bool) -> Runne
     return model, loss
 
 
-RUNNERS: dict[str, Callable[[ModelArgs, torch.dtype], Runner]] = {
+RUNNERS: dict[str, Callable[..., Runner]] = {
     "ours": functools.partial(ours, compile=False),
     "hf": functools.partial(hugging_face, compile=False),
     "ours+compile": functools.partial(ours, compile=True),
@@ -127,10 +162,12 @@ def time_steps(
 ) -> list[float]:
     times = []
     for _ in range(n):
+        _sync(tokens.device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_fn(tokens).backward()
         opt.step()
+        _sync(tokens.device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -141,16 +178,27 @@ def _shape(name: str) -> tuple[ModelArgs, int, int]:
 
 
 def bench(
-    name: str, precision: str, runners: list[str], *, rounds: int, steps: int
+    name: str,
+    precision: str,
+    runners: list[str],
+    *,
+    rounds: int,
+    steps: int,
+    device: torch.device = CPU,
+    peak_tflops: float | None = None,
 ) -> dict[str, float]:
-    """Tokens/s (median step) and MFU of each runner; ``peak_gflops`` of this precision."""
+    """Tokens/s (median step) and MFU of each runner.
+
+    ``peak_gflops``: what MFU is relative to, the matmul peak measured here in
+    this precision (``measured_gflops``) unless ``peak_tflops`` names one.
+    """
     args, batch, seq = _shape(name)
     dtype = DTYPES[precision]
     torch.manual_seed(0)
-    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
+    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1)).to(device)
     built = {}
     for label in runners:
-        model, loss_fn = RUNNERS[label](args, dtype)
+        model, loss_fn = RUNNERS[label](args, dtype, device=device)
         opt = optimizer(model)
         time_steps(loss_fn, opt, tokens, WARMUP_STEPS)
         built[label] = (loss_fn, opt)
@@ -158,9 +206,11 @@ def bench(
     for _ in range(rounds):
         for label, (loss_fn, opt) in built.items():
             times[label] += time_steps(loss_fn, opt, tokens, steps)
-    peak = matmul_peak(dtype)
+    n = GPU_MATMUL_N if device.type == "cuda" else 2048
+    measured = matmul_peak(dtype, n=n, device=device)
+    peak = measured if peak_tflops is None else peak_tflops * 1e12
     flops = model_flops_per_token(args, seq)
-    out = {"peak_gflops": peak / 1e9}
+    out = {"peak_gflops": peak / 1e9, "measured_gflops": measured / 1e9}
     for label, samples in times.items():
         tps = batch * seq / statistics.median(samples)
         out[f"{label}_tokens_per_s"] = tps
@@ -188,7 +238,7 @@ def profile(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=CPU_MODELS, choices=list(MODELS))
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="steps per runner per round")
@@ -196,8 +246,19 @@ def main() -> None:
         "--compile", action="store_true", help="add ours+compile and hf+compile runners"
     )
     parser.add_argument("--profile", action="store_true", help="print each runner's busiest ops")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--runners", nargs="+", choices=list(RUNNERS), help="these runners only (else as --compile)"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="MFU against this nominal peak (default: measured here)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
     opts = parser.parse_args()
-    runners = ["ours", "hf"] + (["ours+compile", "hf+compile"] if opts.compile else [])
+    runners = opts.runners or ["ours", "hf"] + (
+        ["ours+compile", "hf+compile"] if opts.compile else []
+    )
+    device = torch.device(opts.device)
     if opts.profile:
         for name in opts.models:
             for precision in opts.precisions:
@@ -205,23 +266,57 @@ def main() -> None:
         return
     import transformers
 
-    print(
+    machine = (
         f"machine: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
         f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f}"
     )
-    print("model  precision  peak GFLOP/s  runner        tok/s  vs hf    MFU")
+    if device.type == "cuda":
+        machine += f", device {torch.cuda.get_device_name(device)}"
+    print(machine)
+    # Ratios are to eager transformers; without that runner, to the first hf one chosen.
+    reference = next((r for r in ("hf", "hf+compile") if r in runners), runners[0])
+    print(f"model  precision  peak GFLOP/s  runner        tok/s  vs {reference}    MFU")
+    rows = []
     for name in opts.models:
         for precision in opts.precisions:
-            r = bench(name, precision, runners, rounds=opts.rounds, steps=opts.steps)
+            r = bench(
+                name,
+                precision,
+                runners,
+                rounds=opts.rounds,
+                steps=opts.steps,
+                device=device,
+                peak_tflops=opts.peak_tflops,
+            )
             for label in runners:
                 tps = r[f"{label}_tokens_per_s"]
+                ratio = tps / r[f"{reference}_tokens_per_s"]
                 print(
                     f"{name:5}  {precision:9}  {r['peak_gflops']:12.1f}  {label:12}  {tps:7.1f}"
-                    f"  {tps / r['hf_tokens_per_s']:5.2f}  {100 * r[f'{label}_mfu']:5.1f}%",
+                    f"  {ratio:5.2f}  {100 * r[f'{label}_mfu']:5.1f}%",
                     flush=True,
                 )
+                rows.append(
+                    {
+                        "model": name,
+                        "precision": precision,
+                        "runner": label,
+                        "tokens_per_s": tps,
+                        "mfu": r[f"{label}_mfu"],
+                        f"vs_{reference}": ratio,
+                        "peak_gflops": r["peak_gflops"],
+                        "measured_gflops": r["measured_gflops"],
+                    }
+                )
+            if opts.peak_tflops is not None:
+                print(
+                    f"  (MFU against the nominal {opts.peak_tflops:g} TFLOP/s; a square "
+                    f"{precision} matmul reached {r['measured_gflops'] / 1e3:.1f} TFLOP/s here)"
+                )
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    if opts.json is not None:
+        opts.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
