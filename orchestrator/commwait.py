@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import torch.distributed as dist
@@ -72,17 +71,6 @@ class CommWaitClock:
         for name, original in self._originals.items():
             setattr(dist, name, original)
         self._originals.clear()
-
-    def __enter__(self) -> CommWaitClock:
-        return self.install()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.uninstall()
 
     def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)

@@ -262,10 +262,11 @@ def _slow_ranks(live: list[RankBeat], *, busy: bool) -> list[str]:
     for b in live:
         value = values[b.rank]
         if value > STRAGGLER_FACTOR * median and value - median > STRAGGLER_MIN_SHARE * step:
+            step_time = b.step_time_s or 0.0
             what = (
-                f"busy {value:.3f}s of a {b.step_time_s or 0:.3f}s step"
+                f"busy {value:.3f}s of a {step_time:.3f}s step"
                 if busy
-                else (f"{value:.3f}s per step")
+                else f"{value:.3f}s per step"
             )
             out.append(
                 f"rank {b.rank} ({b.host}): {what}, {value / max(median, 1e-9):.1f} x the "

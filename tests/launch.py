@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,3 +50,13 @@ def wait_for_steps(
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"{run_dir}: {steps} steps not logged in {timeout}s"
         time.sleep(0.3)
+
+
+def kill_run(proc: subprocess.Popen[str], run_dir: Path) -> None:
+    """Test teardown: SIGKILL the launcher if it still runs, then any worker it left."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in worker_pids(run_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

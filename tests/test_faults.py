@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.checkpoint import checkpoint_dir
 from orchestrator.metrics import read_metrics
-from tests.launch import run_launch, start_launch, worker_pids
+from tests.launch import kill_run, run_launch, start_launch, worker_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -49,11 +49,7 @@ def test_stopped_rank_trips_the_hang_timeout(tmp_path: Path) -> None:
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in worker_pids(run_dir):
-            os.kill(pid, signal.SIGKILL)
+        kill_run(proc, run_dir)
     assert proc.returncode != 0
     assert "rank 0 failed" in stderr, stderr[-2000:]
     assert "HangError: rank 0 made no progress" in stderr

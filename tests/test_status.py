@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.metrics import read_metrics
 from orchestrator.status import main
-from tests.launch import REPO, run_launch, start_launch, wait_for_steps, worker_pids
+from tests.launch import REPO, kill_run, run_launch, start_launch, wait_for_steps, worker_pids
 
 STEPS = 6
 TINY = ("model=tiny", "parallel=tp1pp1", "train.log_interval=1")
@@ -176,11 +176,7 @@ def test_real_straggler_is_named(tmp_path: Path) -> None:
         try:
             proc.communicate(timeout=120)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for pid in worker_pids(run_dir):
-                os.kill(pid, signal.SIGKILL)
+            kill_run(proc, run_dir)
 
 
 @pytest.mark.slow
@@ -230,8 +226,4 @@ def test_live_run(tmp_path: Path) -> None:
         assert f"job: local: stopped at step {last} of 100000" in stopped
         assert f"checkpoint: step_{last:08d} (" in stopped
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in worker_pids(run_dir):
-            os.kill(pid, signal.SIGKILL)
+        kill_run(proc, run_dir)

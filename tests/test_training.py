@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.metrics import read_metrics
 from orchestrator.schedule import lr_at
-from tests.launch import run_launch, start_launch, wait_for_steps, worker_pids
+from tests.launch import kill_run, run_launch, start_launch, wait_for_steps, worker_pids
 
 STEPS = 10
 RTOL = 1e-4
@@ -174,11 +174,7 @@ def test_killed_worker_stops_the_job_within_seconds(tmp_path: Path) -> None:
         assert "rank 1 failed (killed by SIGKILL)" in stderr, stderr[-2000:]
         assert worker_pids(run_dir) == []  # no worker left behind
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in worker_pids(run_dir):
-            os.kill(pid, signal.SIGKILL)
+        kill_run(proc, run_dir)
 
 
 def test_demo_run_learns_real_text(tmp_path: Path) -> None:
