@@ -176,3 +176,23 @@ def test_padded_vocab_never_changes_the_loss() -> None:
         logits[..., : TINY.vocab_size].reshape(-1, TINY.vocab_size), tokens[:, 1:].reshape(-1)
     )
     torch.testing.assert_close(model.loss(logits, tokens[:, 1:]).mean(), expected)
+
+
+def test_rotary_tables_stay_fp32_and_out_of_state_dicts() -> None:
+    """The cached cos/sin tables survive a bf16 cast in fp32, are not saved, and give
+    the same rotation as tables computed for this sequence length, also beyond the
+    cache (``max_seq_len``)."""
+    from model_parallel.llama import RotaryTables, rotary_cos_sin
+
+    model = Transformer(TINY, seed=0).bfloat16()
+    assert not any("rotary" in name for name in model.state_dict())
+    rotary = model.layers["0"].attention.rotary
+    assert isinstance(rotary, RotaryTables)
+    assert rotary.cos.dtype == rotary.sin.dtype == torch.float32
+    cpu = torch.device("cpu")
+    for seq in (1, 17, TINY.max_seq_len, TINY.max_seq_len + 5):
+        want = rotary_cos_sin(seq, TINY.head_dim, TINY.rope_theta, cpu)
+        got = rotary(seq, cpu)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    rotary.to_empty(device=cpu)  # uninitialised storage: refilled, not garbage
+    assert torch.equal(rotary.cos, rotary_cos_sin(TINY.max_seq_len, TINY.head_dim, 1e4, cpu)[0])
