@@ -27,7 +27,7 @@ import torch
 
 from model_parallel.args import ModelArgs, padded_vocab_size
 from model_parallel.cross_entropy import vocab_parallel_cross_entropy
-from model_parallel.fused import cross_entropy
+from model_parallel.fused import compiled_cross_entropy, cross_entropy
 from model_parallel.llama import Transformer, compile_model
 from orchestrator.config import Config, TrainConfig
 from orchestrator.engine import build_optimizer
@@ -108,8 +108,9 @@ def test_fused_adamw_in_bf16_is_nearer_fp32() -> None:
     assert fused_err <= foreach_err, (fused_err, foreach_err)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tp1_cross_entropy_matches_vocab_parallel(dtype: torch.dtype) -> None:
+def test_tp1_cross_entropy_matches_vocab_parallel(dtype: torch.dtype, compiled: bool) -> None:
     vocab = 1000
     padded = padded_vocab_size(vocab, 1)  # 1024: 24 padding columns
     torch.manual_seed(0)
@@ -119,7 +120,8 @@ def test_tp1_cross_entropy_matches_vocab_parallel(dtype: torch.dtype) -> None:
     target[0, :2] = -100
     grad = torch.randn(3, 7)
     results = []
-    for fn in (cross_entropy, vocab_parallel_cross_entropy):
+    tp1 = compiled_cross_entropy() if compiled else cross_entropy
+    for fn in (tp1, vocab_parallel_cross_entropy):
         x = logits.clone().requires_grad_()
         loss = fn(x, target, vocab_size=vocab)
         loss.backward(grad)
