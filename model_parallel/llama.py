@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model_parallel.args import ModelArgs, padded_vocab_size
+from model_parallel.attention import causal_attention
 from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.fused import compiled_cross_entropy, fused_rms_norm_affine
 from model_parallel.groups import ProcessGroups
@@ -146,6 +147,7 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.n_local_heads = args.n_heads // group_size(tp_group)
         self.rotary = RotaryTables(args.head_dim, args.rope_theta, args.max_seq_len)
+        self.cpu_matmul_backward = False  # set by compile_model
         kw = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, mapped_input=True)
         self.wq = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
         self.wk = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
@@ -162,8 +164,11 @@ class Attention(nn.Module):
         cos, sin = self.rotary(seq, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # (B, S, h, hd) -> (B, h, S, hd) for scaled_dot_product_attention
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        out = causal_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            cpu_matmul_backward=self.cpu_matmul_backward,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))  # (B, S, h*hd)
 
@@ -221,9 +226,12 @@ def compile_model(model: nn.Module) -> int:
     (parameters are graph inputs), so the compile is paid once per shape, at
     the first step. The loss is compiled at tp = 1 only: with the vocabulary
     split over tp it needs its all-reduces (``vocab_parallel_cross_entropy``).
+    On CPU, compiled attention uses ``attention.flash_attention_cpu`` (ATen's
+    flash forward, a backward of matmuls that inductor fuses); on a GPU, SDPA.
     """
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     for block in blocks:
+        block.attention.cpu_matmul_backward = True
         block.compile()
     if isinstance(model, Transformer) and group_size(model.tp_group) == 1:
         model.compiled_loss = True
