@@ -143,6 +143,8 @@ def test_compiled_model_matches_eager_fp32() -> None:
     compiled = copy.deepcopy(eager)
     assert compile_model(compiled) == SMALL.n_layers
     assert compiled.compiled_loss
+    blocks = compiled.layers.values()
+    assert all(b.attention.cpu_matmul_backward for b in blocks)  # type: ignore[union-attr]
     torch.manual_seed(0)
     tokens = torch.randint(0, SMALL.vocab_size, (2, 17))
     target = tokens[:, 1:].clone()
