@@ -149,10 +149,13 @@ def _check_training(cfg: Config, args: ModelArgs) -> int:
         raise ValueError(
             f"parallel.sequence_parallel=true: train.seq_len({seq_len}) must be divisible by tp({tp})"
         )
-    if cfg.train.precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
+    if cfg.train.precision == "bf16" and cfg.parallel.zero_stage == 0:
+        # pp = 1: DeepSpeed's ZeRO-0 keeps bf16 gradients and the weights drift;
+        # pp > 1: its engine refuses bf16 weights with fp32 gradient accumulation.
         raise ValueError(
-            "train.precision=bf16: needs parallel.zero_stage >= 1 "
-            "(DeepSpeed's ZeRO-0 keeps bf16 gradients and drifts)"
+            "parallel.zero_stage=0: train.precision=bf16 needs parallel.zero_stage >= 1 "
+            "(DeepSpeed's ZeRO-0 accumulates bf16 gradients, or with pp > 1 refuses "
+            "fp32 accumulation)"
         )
     if cfg.faults.inject_nan_at_steps and cfg.parallel.pp > 1:
         raise ValueError(

@@ -169,6 +169,14 @@ BAD = [
         "parallel.sequence_parallel=true: model.max_seq_len(100) must be divisible by tp(8)",
     ),
     ((), {"parallel": {"zero_stage": 3, "pp": 2}}, "parallel.zero_stage=3: DeepSpeed's pipeline"),
+    *[
+        (
+            (),
+            {"parallel": {"zero_stage": 0, "pp": pp}, "train": {"precision": "bf16"}},
+            "parallel.zero_stage=0: train.precision=bf16 needs parallel.zero_stage >= 1",
+        )
+        for pp in (1, 2)
+    ],
     ((), {"train": {"global_batch_size": -8}}, "train.global_batch_size=-8: must be a positive"),
     ((), {"model": {"dim": 0}}, "model.dim=0: must be a positive integer"),
     ((), {"model": {"n_layers": 0}}, "model.n_layers=0: must be a positive integer"),
