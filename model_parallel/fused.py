@@ -1,5 +1,5 @@
 """Optional NVIDIA apex kernels, with torch's native equivalents as the fallback,
-and the inductor-compiled loss of the ``model.compile`` fast path.
+and ``cross_entropy``, the plain tp = 1 loss the compiled one is tested against.
 
 apex is never a dependency: on the package index ``apex`` is an unrelated web
 toolkit. When something named ``apex`` is importable but is not NVIDIA's
@@ -71,76 +71,3 @@ def cross_entropy(
         z.flatten(0, -2), target.flatten(), reduction="none", ignore_index=ignore_index
     )
     return loss.view(target.shape)
-
-
-def _ce_forward(
-    logits: torch.Tensor, target: torch.Tensor, vocab_size: int, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss and ``logsumexp`` over the first ``vocab_size`` columns, fp32."""
-    z = logits[..., :vocab_size].float()
-    lse = torch.logsumexp(z, dim=-1)
-    valid = target != ignore_index
-    picked = z.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, lse - picked, 0.0), lse
-
-
-def _ce_backward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
-    vocab_size: int,
-    ignore_index: int,
-) -> torch.Tensor:
-    """``grad * (softmax(z) - one_hot(target))`` in one pass, zero in padding columns
-    and ignored rows, in the logits' dtype."""
-    col = torch.arange(logits.shape[-1], device=logits.device)
-    g = torch.where(target != ignore_index, grad, 0.0).unsqueeze(-1)
-    p = torch.exp(logits.float() - lse.unsqueeze(-1)) - (col == target.unsqueeze(-1)).float()
-    return torch.where(col < vocab_size, p * g, 0.0).to(logits.dtype)
-
-
-class _CompiledCrossEntropy(torch.autograd.Function):
-    """``cross_entropy`` with both directions inductor-compiled and nothing but the
-    logits and one ``logsumexp`` per token kept for backward.
-
-    Left to autograd, the compiled ``F.cross_entropy`` keeps ``max`` and
-    ``log(sum(exp))`` and spends its backward in two loops, one of them a
-    reduction of ``one_hot * grad`` over the whole vocabulary; here backward is
-    one pass over the logits.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, logits: torch.Tensor, target: torch.Tensor, vocab_size: int, ignore_index: int
-    ) -> torch.Tensor:
-        loss, lse = _compiled(_ce_forward)(logits, target, vocab_size, ignore_index)
-        ctx.save_for_backward(logits, target, lse)
-        ctx.vocab_size, ctx.ignore_index = vocab_size, ignore_index
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, target, lse = ctx.saved_tensors
-        backward = _compiled(_ce_backward)
-        dlogits = backward(logits, target, lse, grad, ctx.vocab_size, ctx.ignore_index)
-        return dlogits, None, None, None
-
-
-@functools.cache
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(fn)
-
-
-def compiled_cross_entropy() -> Callable[..., torch.Tensor]:
-    """``cross_entropy`` through inductor (``model.compile`` at tp = 1): the fp32
-    upcast, ``logsumexp`` and the backward's ``softmax - one_hot`` fuse into a
-    few passes over the logits instead of about ten (the loss over a
-    32,000-word vocabulary is a large share of a small model's step on CPU)."""
-
-    def loss(
-        logits: torch.Tensor, target: torch.Tensor, *, vocab_size: int, ignore_index: int = -100
-    ) -> torch.Tensor:
-        return _CompiledCrossEntropy.apply(logits, target, vocab_size, ignore_index)
-
-    return loss

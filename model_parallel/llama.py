@@ -25,8 +25,11 @@ from torch.utils.checkpoint import checkpoint
 
 from model_parallel.args import ModelArgs, padded_vocab_size
 from model_parallel.attention import causal_attention
-from model_parallel.cross_entropy import vocab_parallel_cross_entropy
-from model_parallel.fused import compiled_cross_entropy, fused_rms_norm_affine
+from model_parallel.cross_entropy import (
+    compiled_vocab_parallel_cross_entropy,
+    vocab_parallel_cross_entropy,
+)
+from model_parallel.fused import fused_rms_norm_affine
 from model_parallel.groups import ProcessGroups
 from model_parallel.layers import (
     ColumnParallelLinear,
@@ -214,8 +217,9 @@ class TransformerBlock(nn.Module):
 
 
 def compile_model(model: nn.Module) -> int:
-    """``torch.compile`` every ``TransformerBlock`` of ``model`` in place, and at tp = 1
-    a whole ``Transformer``'s loss; returns the number of blocks compiled.
+    """``torch.compile`` every ``TransformerBlock`` of ``model`` in place, and its loss
+    (a ``Transformer``'s, or a pipeline's ``loss_fn``); returns the number of
+    blocks compiled.
 
     Each block's ``forward`` (norms, rotary, attention, SwiGLU, residuals, and
     their backward) becomes inductor kernels that fuse the elementwise work
@@ -224,8 +228,8 @@ def compile_model(model: nn.Module) -> int:
     module and its parameter names, so state dicts, checkpoints and the
     optimiser see the same model. All blocks share one traced graph
     (parameters are graph inputs), so the compile is paid once per shape, at
-    the first step. The loss is compiled at tp = 1 only: with the vocabulary
-    split over tp it needs its all-reduces (``vocab_parallel_cross_entropy``).
+    the first step. The loss becomes ``compiled_vocab_parallel_cross_entropy``
+    at any tp: its local work compiled, its all-reduces between the kernels.
     On CPU, compiled attention uses ``attention.flash_attention_cpu`` (ATen's
     flash forward, a backward of matmuls that inductor fuses); on a GPU, SDPA.
     """
@@ -233,8 +237,11 @@ def compile_model(model: nn.Module) -> int:
     for block in blocks:
         block.attention.cpu_matmul_backward = True
         block.compile()
-    if isinstance(model, Transformer) and group_size(model.tp_group) == 1:
+    if isinstance(model, Transformer):
         model.compiled_loss = True
+    loss_fn = getattr(model, "loss_fn", None)  # a LlamaPipeline's PipelineLoss
+    if hasattr(loss_fn, "compiled"):
+        loss_fn.compiled = True  # type: ignore[union-attr]
     return len(blocks)
 
 
@@ -296,7 +303,7 @@ class Transformer(nn.Module):
         self.tp_group = groups.tp_group
         self.sequence_parallel = sequence_parallel and groups.tp_size > 1
         self.activation_checkpointing = activation_checkpointing
-        self.compiled_loss = False  # set by compile_model (tp = 1)
+        self.compiled_loss = False  # set by compile_model
         self.padded_vocab_size = padded_vocab_size(args.vocab_size, groups.tp_size)
         layers = range(args.n_layers) if layers is None else layers
         sp, tp_group = self.sequence_parallel, self.tp_group
@@ -353,11 +360,12 @@ class Transformer(nn.Module):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy ``(B, S)`` from this rank's logits shard."""
-        if self.compiled_loss:
-            return compiled_cross_entropy()(logits, target, vocab_size=self.args.vocab_size)
-        return vocab_parallel_cross_entropy(
-            logits, target, tp_group=self.tp_group, vocab_size=self.args.vocab_size
+        fn = (
+            compiled_vocab_parallel_cross_entropy
+            if self.compiled_loss
+            else vocab_parallel_cross_entropy
         )
+        return fn(logits, target, tp_group=self.tp_group, vocab_size=self.args.vocab_size)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, S, V)`` from this rank's shard (a tp collective)."""

@@ -13,7 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model_parallel.cross_entropy import vocab_parallel_cross_entropy
+from model_parallel.cross_entropy import (
+    compiled_vocab_parallel_cross_entropy,
+    vocab_parallel_cross_entropy,
+)
 from model_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -123,7 +126,7 @@ def _check_embedding(rank: int, ws: int, *, sequence_parallel: bool, pad: int) -
     torch.testing.assert_close(layer.weight.grad, _chunk(full_grad, 0, rank, ws), **TOL)
 
 
-def _check_cross_entropy(rank: int, ws: int, *, pad: int) -> None:
+def _check_cross_entropy(rank: int, ws: int, *, pad: int, compiled: bool = False) -> None:
     gen = torch.Generator().manual_seed(4)
     b, s, padded = 3, 7, 19 * ws
     vocab = padded - pad
@@ -138,7 +141,8 @@ def _check_cross_entropy(rank: int, ws: int, *, pad: int) -> None:
     loss_d.backward(g)
 
     lp = _chunk(logits, -1, rank, ws).clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(lp, target, tp_group=_group(ws), vocab_size=vocab)
+    fn = compiled_vocab_parallel_cross_entropy if compiled else vocab_parallel_cross_entropy
+    loss = fn(lp, target, tp_group=_group(ws), vocab_size=vocab)
     torch.testing.assert_close(loss, loss_d.detach(), **TOL)
     loss.backward(g)
     torch.testing.assert_close(lp.grad, _chunk(ld.grad, -1, rank, ws), **TOL)
@@ -168,3 +172,15 @@ def test_column_and_row_parallel_linear(ws: int) -> None:
 @pytest.mark.parametrize("ws", WORLD_SIZES)
 def test_vocab_parallel_embedding_and_cross_entropy(ws: int) -> None:
     run_ranks(_embedding_and_loss_checks, ws)
+
+
+def _compiled_loss_checks(rank: int, ws: int) -> None:
+    for pad in (0, 5):
+        _check_cross_entropy(rank, ws, pad=pad, compiled=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ws", [1, 2])
+def test_compiled_vocab_parallel_cross_entropy(ws: int) -> None:
+    """``model.compile``'s loss: inductor kernels between the same all-reduces."""
+    run_ranks(_compiled_loss_checks, ws, timeout=240)
