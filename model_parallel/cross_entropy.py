@@ -97,9 +97,19 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size, ignore_index)
 
 
+def _real_columns(logits: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor | None:
+    """Mask of this rank's columns below ``vocab_size``, or None when all are
+    (the ints are specialised when compiled, so an unpadded rank's kernels carry
+    no mask: an int64 compare per element costs as much as the exp)."""
+    if start + logits.shape[-1] <= vocab_size:
+        return None
+    return start + torch.arange(logits.shape[-1], device=logits.device) < vocab_size
+
+
 def _local_max(logits: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:
-    column = start + torch.arange(logits.shape[-1], device=logits.device)
-    return torch.where(column < vocab_size, logits.float(), float("-inf")).amax(dim=-1)
+    z = logits.float()
+    real = _real_columns(logits, start, vocab_size)
+    return (z if real is None else torch.where(real, z, float("-inf"))).amax(dim=-1)
 
 
 def _local_sums(
@@ -113,8 +123,9 @@ def _local_sums(
     """``sum_j exp(z_j - m)`` over this rank's real columns, and the target's logit
     where this rank owns it (else 0)."""
     z = logits.float()
-    column = start + torch.arange(logits.shape[-1], device=logits.device)
-    exp = torch.where(column < vocab_size, torch.exp(z - z_max.unsqueeze(-1)), 0.0)
+    exp = torch.exp(z - z_max.unsqueeze(-1))
+    real = _real_columns(logits, start, vocab_size)
+    exp = exp if real is None else torch.where(real, exp, 0.0)
     local = target - start
     mine = (local >= 0) & (local < logits.shape[-1]) & (target != ignore_index)
     picked = z.gather(-1, torch.where(mine, local, 0).unsqueeze(-1)).squeeze(-1)
@@ -132,10 +143,15 @@ def _local_grad(
 ) -> torch.Tensor:
     """``grad * (softmax - one_hot)`` for this rank's columns in one pass; zero in
     padding columns and ignored rows; in the logits' dtype."""
-    column = start + torch.arange(logits.shape[-1], device=logits.device)
     g = torch.where(target != ignore_index, grad_loss, 0.0).unsqueeze(-1)
-    p = torch.exp(logits.float() - lse.unsqueeze(-1)) - (column == target.unsqueeze(-1)).float()
-    return torch.where(column < vocab_size, p * g, 0.0).to(logits.dtype)
+    # int32 columns against the local target: half the lanes of an int64 compare
+    column = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int32)
+    local = (target - start).to(torch.int32).unsqueeze(-1)  # outside [0, n): no column
+    one_hot = (column == local).float()
+    grad = (torch.exp(logits.float() - lse.unsqueeze(-1)) - one_hot) * g
+    real = _real_columns(logits, start, vocab_size)
+    grad = grad if real is None else torch.where(real, grad, 0.0)
+    return grad.to(logits.dtype)
 
 
 @functools.cache
@@ -191,8 +207,8 @@ def compiled_vocab_parallel_cross_entropy(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """``vocab_parallel_cross_entropy`` with its local work compiled by inductor
-    (``model.compile=true``): on the 60M model in bf16 on CPU, tp = 1, 60 ms a step
-    against 330 ms eager."""
+    (``model.compile=true``). On this CPU, tp = 1, bf16 logits of 4 x 512 tokens
+    by 32,000 words: forward + backward 44 + 63 ms, against 269 + 72 ms eager."""
     return _CompiledVocabParallelCrossEntropy.apply(
         logits, target, tp_group, vocab_size, ignore_index
     )
