@@ -56,7 +56,8 @@ itemised.
 moving 2(t-1)/t of it) over NVLink; the 1F1B bubble (p-1)/m of the busy time,
 i.e. (p-1)/(m+p-1) of the pipeline's time; pipeline sends (2 per micro-batch,
 s·b·h·e/t bytes) on the critical path; the dp gradient reduction
-(2(d-1)/d x Psi' elements, 1.5x that at ZeRO-3) after the last micro-batch.
+(2(d-1)/d x Psi' elements, 1.5x that at ZeRO-3; fp32 in fp32 and bf16,
+fp16 in fp16) after the last micro-batch.
 Nothing is assumed to overlap.
 """
 
@@ -336,7 +337,7 @@ def step_time(cfg: Config, plan: Plan) -> StepTime:
     pp_bw = _bandwidth(cluster, crosses_nodes=pipeline_spans_nodes)
     pp_comm = 2 * (m + p - 1) * micro_bytes / t / pp_bw if p > 1 else 0.0
     stage_params = max(plan.stage_params_per_rank)
-    grad_e = 4 if cfg.train.precision == "fp32" else 2
+    grad_e = 2 if cfg.train.precision == "fp16" else 4  # bf16 reduces in fp32 (engine.py)
     factor = 3 if plan.zero_stage == 3 else 2
     dp_bw = _bandwidth(cluster, crosses_nodes=gpus > 0 and t * d > gpus)
     dp_comm = factor * (d - 1) / d * stage_params * grad_e / dp_bw

@@ -131,3 +131,54 @@ def test_zero_optimizer_state_per_rank_is_analytic(stage: int) -> None:
         assert n % dp == 0
         assert got["moments"] == 2 * shard, got  # Adam's exp_avg and exp_avg_sq
         assert got["master"] == (0 if stage == 0 else shard), got  # fp32 master weights
+
+
+# bf16 gradients whose fp32 sum bf16 cannot hold: 0.5 + 2**-9 needs 9 mantissa bits.
+_BIG, _SMALL = 1.0, 2.0**-8
+
+
+def _reduced_bf16_gradient(rank: int, ws: int, micro_batches: int) -> list[float]:
+    """Train a 1-parameter-matrix model one step in bf16 through our engine and
+    return the fp32 gradient DeepSpeed holds after the reduction (before the
+    optimiser step): micro-batch ``i`` of rank ``r`` contributes ``_BIG`` if
+    ``r + i == 0`` else ``_SMALL`` to every element."""
+    os.environ["LOCAL_RANK"] = str(rank)
+    from model_parallel.groups import ProcessGroups
+    from model_parallel.layout import Layout
+    from orchestrator.engine import init_deepspeed_comm, initialize
+
+    init_deepspeed_comm()
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "parallel=tp1pp1",
+            "train.precision=bf16",
+            f"parallel.dp={ws}",
+            f"train.global_batch_size={ws * micro_batches}",
+        ],
+        conf_dir=REPO / "conf",
+    )
+    plan = resolve_plan(cfg)
+    groups = ProcessGroups.build(Layout(dp=ws))
+    model = torch.nn.Linear(8, 8, bias=False).bfloat16()
+    engine = initialize(model, cfg, plan, groups, on_gpu=False)
+    for micro in range(micro_batches):
+        scale = _BIG if rank + micro == 0 else _SMALL
+        x = torch.full((1, 8), scale, dtype=torch.bfloat16)
+        engine.backward(engine(x).sum())  # d/dW = scale everywhere
+        if micro < micro_batches - 1:
+            engine.step()  # not a boundary: accumulates only
+    grads = engine.optimizer.fp32_groups_gradients_flat  # BF16_Optimizer, after the reduce
+    return sorted({float(v) for g in grads for v in g.flatten()[: 8 * 8]})
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("ws", "micro_batches"), [(1, 2), (2, 1)])
+def test_bf16_gradients_reduce_in_fp32(ws: int, micro_batches: int) -> None:
+    """The fp32 gradient sum survives the data-parallel reduction: DeepSpeed's bf16
+    default would round (1 + 2**-8) / 2 = 0.5 + 2**-9 to 0.5 (dp = 2), or the
+    accumulated 1 + 2**-8 to 1.0 (dp = 1, where the all-reduce is skipped)."""
+    expected = (_BIG + _SMALL) / (ws * micro_batches)
+    assert torch.tensor(expected).bfloat16().item() != expected  # bf16 would round it
+    for got in run_ranks(_reduced_bf16_gradient, ws, micro_batches, timeout=240):
+        assert got == [expected], got
