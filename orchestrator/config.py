@@ -90,7 +90,7 @@ class ModelConfig:
     # Start from these weights (a Hugging Face LlamaForCausalLM directory, or a
     # Meta release with params.json) instead of the random init; any layout.
     init_from: str | None = None
-    # torch.compile each transformer block, and the loss at tp = 1 (inductor; on
+    # torch.compile each transformer block, and the loss at any tp (inductor; on
     # CPU it needs a C++ compiler). The first step pays the compile (tens of
     # seconds); weights, their names and checkpoints are unchanged. Works with
     # every layout: at tp > 1 each collective splits the compiled graph.
