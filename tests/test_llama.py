@@ -182,7 +182,7 @@ def test_rotary_tables_stay_fp32_and_out_of_state_dicts() -> None:
     """The cached cos/sin tables survive a bf16 cast in fp32, are not saved, and give
     the same rotation as tables computed for this sequence length, also beyond the
     cache (``max_seq_len``)."""
-    from model_parallel.llama import RotaryTables, rotary_cos_sin
+    from model_parallel.rotary import RotaryTables, rotary_cos_sin
 
     model = Transformer(TINY, seed=0).bfloat16()
     assert not any("rotary" in name for name in model.state_dict())
