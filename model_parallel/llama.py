@@ -23,10 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model_parallel.args import ModelArgs, padded_vocab_size
 from model_parallel.attention import causal_attention
-from model_parallel.cross_entropy import (
-    compiled_vocab_parallel_cross_entropy,
-    vocab_parallel_cross_entropy,
-)
+from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.fused import fused_rms_norm_affine
 from model_parallel.groups import ProcessGroups
 from model_parallel.layers import (
@@ -170,7 +167,7 @@ def compile_model(model: nn.Module) -> int:
     module and its parameter names, so state dicts, checkpoints and the
     optimiser see the same model. All blocks share one traced graph
     (parameters are graph inputs), so the compile is paid once per shape, at
-    the first step. The loss becomes ``compiled_vocab_parallel_cross_entropy``
+    the first step. The loss is ``vocab_parallel_cross_entropy(compiled=True)``
     at any tp: its local work compiled, its all-reduces between the kernels.
     On CPU, compiled attention uses ``attention.flash_attention_cpu`` (ATen's
     flash forward, a backward of matmuls that inductor fuses); on a GPU, SDPA.
@@ -302,12 +299,13 @@ class Transformer(nn.Module):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy ``(B, S)`` from this rank's logits shard."""
-        fn = (
-            compiled_vocab_parallel_cross_entropy
-            if self.compiled_loss
-            else vocab_parallel_cross_entropy
+        return vocab_parallel_cross_entropy(
+            logits,
+            target,
+            tp_group=self.tp_group,
+            vocab_size=self.args.vocab_size,
+            compiled=self.compiled_loss,
         )
-        return fn(logits, target, tp_group=self.tp_group, vocab_size=self.args.vocab_size)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, S, V)`` from this rank's shard (a tp collective)."""

@@ -21,11 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model_parallel.args import ModelArgs, padded_vocab_size
-from model_parallel.cross_entropy import (
-    compiled_vocab_parallel_cross_entropy,
-    masked_mean,
-    vocab_parallel_cross_entropy,
-)
+from model_parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from model_parallel.groups import ProcessGroups
 from model_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from model_parallel.llama import RMSNorm, TransformerBlock, init_parameters
@@ -111,10 +107,13 @@ class PipelineLoss:
         self.compiled = False  # set by compile_model
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        fn = (
-            compiled_vocab_parallel_cross_entropy if self.compiled else vocab_parallel_cross_entropy
+        loss = vocab_parallel_cross_entropy(
+            logits,
+            labels,
+            tp_group=self.tp_group,
+            vocab_size=self.vocab_size,
+            compiled=self.compiled,
         )
-        loss = fn(logits, labels, tp_group=self.tp_group, vocab_size=self.vocab_size)
         return masked_mean(loss, labels)
 
 

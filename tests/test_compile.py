@@ -20,16 +20,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
 from model_parallel.args import ModelArgs, padded_vocab_size
-from model_parallel.cross_entropy import (
-    compiled_vocab_parallel_cross_entropy,
-    vocab_parallel_cross_entropy,
-)
+from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.fused import cross_entropy
 from model_parallel.llama import Transformer, compile_model
 from orchestrator.config import Config, TrainConfig
@@ -123,7 +121,11 @@ def test_tp1_cross_entropy_matches_vocab_parallel(dtype: torch.dtype, compiled: 
     target[0, :2] = -100
     grad = torch.randn(3, 7)
     results = []
-    tp1 = compiled_vocab_parallel_cross_entropy if compiled else cross_entropy
+    tp1 = (
+        functools.partial(vocab_parallel_cross_entropy, compiled=True)
+        if compiled
+        else cross_entropy
+    )
     for fn in (tp1, vocab_parallel_cross_entropy):
         x = logits.clone().requires_grad_()
         loss = fn(x, target, vocab_size=vocab)

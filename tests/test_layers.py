@@ -13,10 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model_parallel.cross_entropy import (
-    compiled_vocab_parallel_cross_entropy,
-    vocab_parallel_cross_entropy,
-)
+from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -141,8 +138,9 @@ def _check_cross_entropy(rank: int, ws: int, *, pad: int, compiled: bool = False
     loss_d.backward(g)
 
     lp = _chunk(logits, -1, rank, ws).clone().requires_grad_()
-    fn = compiled_vocab_parallel_cross_entropy if compiled else vocab_parallel_cross_entropy
-    loss = fn(lp, target, tp_group=_group(ws), vocab_size=vocab)
+    loss = vocab_parallel_cross_entropy(
+        lp, target, tp_group=_group(ws), vocab_size=vocab, compiled=compiled
+    )
     torch.testing.assert_close(loss, loss_d.detach(), **TOL)
     loss.backward(g)
     torch.testing.assert_close(lp.grad, _chunk(ld.grad, -1, rank, ws), **TOL)
