@@ -42,11 +42,25 @@ implementation (``model_parallel.llama``; checked tensor by tensor in
 - per token, not per h: RMSNorm's two 1/rms (2·4, /t with sequence
   parallelism) and attention's logsumexp (4·heads/t).
 
+With ``model.compile=true`` inductor's partitioner recomputes the cheap
+elementwise work in backward and saves less (checked tensor by tensor on
+compiled blocks in ``tests/test_perf.py``, and within 3% of the peak that one
+H200 measured, ``bench/RESULTS.md``):
+
+- the layer input x (e) and the two RMSNorms' 1/rms (2·4 per token), /t with
+  sequence parallelism; no fp32 copies;
+- the inputs of the q/k/v and w1/w3 projections: 2·e, as above;
+- q, k, v, the attention output and wo's input (its row-major copy): 5·e/t;
+- SwiGLU: w1 x, w3 x and the product that feeds w2: 3·e·f/(h·t);
+- attention's logsumexp (4·heads/t per token).
+
 No dropout, so no masks. Full activation checkpointing keeps only each
 layer's input (e, /t with sequence parallelism) plus one layer's activations
 while it is recomputed. Under 1F1B stage i holds min(p - i, m) micro-batches
 in flight. The last stage adds the final norm and the logits: (e + 4 + 4)·s·b·V/t
-(the logits, the fp32 working copy of the loss, the fp32 softmax it saves).
+(the logits, the fp32 working copy of the loss, the fp32 softmax it saves);
+compiled, 2·e·s·b·V/t + 4·s·b (the logits the compiled loss saves, their
+gradient, which exists before they are freed, and one logsumexp per token).
 A framework allowance (``cluster.memory_overhead_gb``) covers what is not
 itemised.
 
@@ -174,23 +188,47 @@ def stage_param_groups(
 
 
 def layer_activation_bytes(
-    args: ModelArgs, *, micro_batch: int, seq_len: int, tp: int, sp: bool, e: int
+    args: ModelArgs,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    sp: bool,
+    e: int,
+    compiled: bool = False,
 ) -> float:
-    """Bytes one layer saves for backward per micro-batch (module docstring)."""
+    """Bytes one layer saves for backward per micro-batch (module docstring);
+    ``compiled``: what a ``torch.compile``d block saves instead."""
     sb = micro_batch * seq_len
     split = tp if sp else 1
-    norms = (2 * 4 + 2 * e) / split  # the fp32 copies and the normalised x before the weight
+    ffn = args.hidden_dim / args.dim
+    if compiled:
+        norms = e / split  # the layer's input x
+        sharded = (5 * e + 3 * e * ffn) / tp
+    else:
+        norms = (2 * 4 + 2 * e) / split  # the fp32 copies and the normalised x before the weight
+        sharded = (4 * e + 4 * e * ffn) / tp
     linear_inputs = 2 * e  # (with sequence parallelism the all-gathered copies)
-    sharded = (4 * e + 4 * e * args.hidden_dim / args.dim) / tp
     per_token = 2 * 4 / split + 4 * args.n_heads / tp  # RMSNorm's 1/rms, attention's logsumexp
     return sb * args.dim * (norms + linear_inputs + sharded) + sb * per_token
 
 
 def logits_bytes(
-    args: ModelArgs, vocab: int, *, micro_batch: int, seq_len: int, tp: int, e: int
+    args: ModelArgs,
+    vocab: int,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    e: int,
+    compiled: bool = False,
 ) -> float:
-    """The last stage's output: logits, the loss's fp32 working copy and its saved softmax."""
-    return micro_batch * seq_len * vocab / tp * (e + 4 + 4)
+    """The last stage's output: logits, the loss's fp32 working copy and its saved
+    softmax; ``compiled``: the logits, their gradient and one logsumexp per token."""
+    sb = micro_batch * seq_len
+    if compiled:
+        return sb * vocab / tp * 2 * e + sb * 4
+    return sb * vocab / tp * (e + 4 + 4)
 
 
 @dataclass(frozen=True)
@@ -288,7 +326,8 @@ def stage_memory(cfg: Config, plan: Plan, stage: int) -> StageMemory:
     state = rank_model_state(cfg, plan, stage=stage)
     sp = par.sequence_parallel and plan.tp > 1
     shape = dict(micro_batch=plan.micro_batch_size, seq_len=plan.seq_len, tp=plan.tp)
-    layer = layer_activation_bytes(args, sp=sp, e=e, **shape)
+    compiled = cfg.model.compile
+    layer = layer_activation_bytes(args, sp=sp, e=e, compiled=compiled, **shape)
     first, last = plan.stage_layers[stage]
     n_layers = last - first + 1
     in_flight = min(plan.pp - stage, plan.num_micro_batches)
@@ -299,7 +338,7 @@ def stage_memory(cfg: Config, plan: Plan, stage: int) -> StageMemory:
         activations = in_flight * n_layers * layer
     logits = 0.0
     if stage == plan.pp - 1:
-        logits = logits_bytes(args, plan.padded_vocab_size, e=e, **shape)
+        logits = logits_bytes(args, plan.padded_vocab_size, e=e, compiled=compiled, **shape)
         logits += plan.micro_batch_size * plan.seq_len * args.dim * (4 + e)  # final norm
     return StageMemory(
         stage=stage,

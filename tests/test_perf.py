@@ -18,6 +18,7 @@ from orchestrator.perf import (
     GIB,
     estimate,
     layer_activation_bytes,
+    logits_bytes,
     rank_model_state,
     stage_memory,
     zero_state_bytes,
@@ -200,6 +201,64 @@ def test_layer_activations_are_what_autograd_saves(dtype: torch.dtype, e: int) -
     measured = _saved_bytes(block, x3) - _saved_bytes(block, x1)
     shape = dict(seq_len=64, tp=1, sp=False, e=e)
     assert measured == layer_activation_bytes(args, micro_batch=2, **shape)  # type: ignore[arg-type]
+
+
+def test_compiled_layer_activations_hand_count() -> None:
+    """Compiled, tiny, bf16: per s*b*h x 2 + linear inputs 2 x 2 + q, k, v, output
+    and wo's input 5 x 2 + SwiGLU 3 x 2 x 3 = 34; per s*b the same 40."""
+    sb = 2 * 64
+    assert _tiny_layer(compiled=True) == sb * 128 * 34 + sb * 40
+    assert _tiny_layer(tp=2, sp=True, compiled=True) == sb * 128 * (1 + 4 + 14) + sb * (4 + 16)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("dtype", "e"), [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_compiled_layer_activations_are_what_autograd_saves(dtype: torch.dtype, e: int) -> None:
+    """``model.compile=true``: the formula against what a compiled block saves
+    (``compile_model``'s settings; batch 3 minus batch 1 as above)."""
+    from model_parallel.llama import TransformerBlock
+
+    torch._dynamo.reset()
+    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
+    block = TransformerBlock(args, tp_group=None, sequence_parallel=False).to(dtype)
+    block.attention.cpu_matmul_backward = True
+    block.compile()
+    x3 = torch.randn(3, 64, 128, dtype=dtype, requires_grad=True)
+    x1 = torch.randn(1, 64, 128, dtype=dtype, requires_grad=True)
+    measured = _saved_bytes(block, x3) - _saved_bytes(block, x1)
+    shape = dict(seq_len=64, tp=1, sp=False, e=e, compiled=True)
+    assert measured == layer_activation_bytes(args, micro_batch=2, **shape)  # type: ignore[arg-type]
+    assert measured < layer_activation_bytes(args, micro_batch=2, **{**shape, "compiled": False})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_loss_saves_what_the_logits_item_counts(compiled: bool) -> None:
+    """The loss's saved tensors: eager, its fp32 working copy (the logits item adds
+    the logits and the saved softmax); compiled, the logits and a logsumexp per
+    token (the item adds the logits' gradient)."""
+    from model_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
+    b, s, vocab = 3, 64, 2048
+    logits = torch.randn(b, s, vocab, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, args.vocab_size, (b, s))
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vocab_parallel_cross_entropy(logits, target, compiled=compiled).sum().backward()
+    item = logits_bytes(args, vocab, micro_batch=b, seq_len=s, tp=1, e=2, compiled=compiled)
+    if compiled:
+        assert sum(saved.values()) == b * s * vocab * 2 + b * s * 4
+        assert item == sum(saved.values()) + b * s * vocab * 2  # + the gradient
+    else:
+        assert sum(saved.values()) == b * s * vocab * 4
+        assert item == b * s * vocab * (2 + 4 + 4)
 
 
 def test_one_f_one_b_in_flight_and_checkpointing() -> None:
