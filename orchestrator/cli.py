@@ -25,7 +25,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator import dist_env, perf, slurm
+from orchestrator import cpu_allocator, dist_env, perf, slurm
 from orchestrator.config import Config, config_yaml, register_configs
 from orchestrator.data.build import resolve_paths
 from orchestrator.engine import deepspeed_config
@@ -182,6 +182,7 @@ def _check_fits_locally(config: Config, plan: Plan, *, launcher: str = "local") 
             f"launcher=auto: cluster={config.cluster.name} runs one rank per GPU "
             f"(world size {plan.world_size}) and this machine has no GPU"
         )
+    cpu_allocator.check(config.cluster)
     if config.train.precision == "fp16" and "GPU" not in what:
         raise ValueError(
             "train.precision=fp16: needs GPUs (loss scaling is a GPU path); use bf16 or fp32 on CPU"

@@ -29,6 +29,7 @@ ACTIVATION_CHECKPOINTING = ("none", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("auto", "local", "slurm")
 SCHEDULERS = ("none", "slurm")
+CPU_ALLOCATORS = ("auto", "tcmalloc", "system")
 DATA_KINDS = ("synthetic", "blended", "alpaca")
 RESUME_MODES = ("auto", "never")
 
@@ -197,6 +198,9 @@ class ClusterConfig:
     # The most worker processes launcher=local starts on one CPU machine (on a
     # GPU machine the limit is the number of GPUs).
     max_local_procs: int = 8
+    # CPU worker processes' malloc (orchestrator.cpu_allocator): "auto" preloads
+    # tcmalloc when the node has it, "tcmalloc" requires it, "system" is glibc's.
+    cpu_allocator: str = "auto"
     # The plan's performance model (orchestrator.perf). Defaults are an A100 SXM
     # cluster's. compute_efficiency: the fraction of peak_tflops that a
     # transformer layer's matmuls sustain, one fixed number per device type (0.6
@@ -229,6 +233,7 @@ class ClusterConfig:
         if self.tasks_per_node is not None:
             _positive("cluster.tasks_per_node", self.tasks_per_node)
         _one_of("cluster.scheduler", self.scheduler, SCHEDULERS)
+        _one_of("cluster.cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS)
         _slurm_name("cluster.partition", self.partition, _SLURM_NAME_LIST)
         _slurm_name("cluster.account", self.account)
         for key, value in self.nccl_env.items():

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from orchestrator import cpu_allocator
 from orchestrator.config import Config
 from orchestrator.faults import Heartbeat
 from orchestrator.flops import hardware_flops_per_token, model_flops_per_token
@@ -250,6 +251,11 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
     flops = model_flops_per_token(args, plan.seq_len)
     summary = format_plan(plan, cfg)
     estimate = [line for line in estimate_lines(cfg, plan) if line not in summary]
+    allocator = []
+    if cfg.cluster.gpus_per_node == 0:
+        allocator = [
+            f"cpu allocator: {cpu_allocator.loaded()} (cluster.cpu_allocator={cfg.cluster.cpu_allocator})"
+        ]
     lines = [
         "=" * 72,
         f"run directory: {run_dir}",
@@ -261,6 +267,7 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
         f"(seq {plan.seq_len}); log every {cfg.train.log_interval}",
         f"model FLOPs per token: {flops:.4g} (6N + 12*l*s*d, orchestrator.flops); "
         f"device peak {cfg.cluster.peak_tflops:g} TFLOP/s",
+        *allocator,
         *estimate,
         "=" * 72,
     ]

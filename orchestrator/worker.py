@@ -6,6 +6,7 @@ Started by a launcher that sets the torchrun-style variables (see
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,9 +16,8 @@ from pathlib import Path
 # until train() installs its handler; StopRequest unblocks it then.
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
 
+from orchestrator import cpu_allocator  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.faults import ignore_stop_signals  # noqa: E402
-from orchestrator.train import train  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -25,7 +25,19 @@ def main(argv: list[str]) -> int:
         print("usage: python -m orchestrator.worker RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    code = train(load_config(run_dir / "config.yaml"), run_dir)
+    config = load_config(run_dir / "config.yaml")
+    try:
+        env = cpu_allocator.worker_env(config.cluster, os.environ)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if env is not None:  # before torch is imported: start again with tcmalloc preloaded
+        os.execve(sys.executable, [sys.executable, "-m", "orchestrator.worker", *argv], env)
+    # Imported after the re-exec decision: torch and DeepSpeed take seconds.
+    from orchestrator.faults import ignore_stop_signals
+    from orchestrator.train import train
+
+    code = train(config, run_dir)
     ignore_stop_signals()
     return code
 
