@@ -182,6 +182,9 @@ class ClusterConfig:
     device: str = MISSING
     device_memory_gb: float = MISSING
     peak_tflops: float = MISSING  # bf16 dense peak per device
+    # fp32 dense peak per device (no TF32), what train.precision=fp32 runs' MFU and
+    # step time are measured against; None: peak_tflops.
+    peak_tflops_fp32: float | None = None
     # "slurm": launcher=auto submits a layout that does not fit on this machine
     # with sbatch; "none": this machine only.
     scheduler: str = "none"
@@ -216,12 +219,20 @@ class ClusterConfig:
     # allocator fragmentation (not counted item by item).
     memory_overhead_gb: float = 3.0
 
+    def peak_for(self, precision: str) -> float:
+        """The dense peak (TFLOP/s per device) of ``precision``'s matmuls."""
+        if precision == "fp32" and self.peak_tflops_fp32 is not None:
+            return self.peak_tflops_fp32
+        return self.peak_tflops
+
     def validate(self) -> None:
         if self.nodes is not None:
             _positive("cluster.nodes", self.nodes)
         _non_negative("cluster.gpus_per_node", self.gpus_per_node)
         _positive_float("cluster.device_memory_gb", self.device_memory_gb)
         _positive_float("cluster.peak_tflops", self.peak_tflops)
+        if self.peak_tflops_fp32 is not None:
+            _positive_float("cluster.peak_tflops_fp32", self.peak_tflops_fp32)
         if not 0 < self.compute_efficiency <= 1:
             raise _fail("cluster.compute_efficiency", self.compute_efficiency, "must be in (0, 1]")
         _positive_float("cluster.intra_node_bandwidth_gbs", self.intra_node_bandwidth_gbs)

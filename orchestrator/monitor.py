@@ -100,7 +100,7 @@ class Monitor:
         self._interval_time, self._interval_steps = 0.0, 0
         tokens_per_s = self.tokens_per_step / step_time
         per_device = tokens_per_s / self.plan.world_size
-        peak = self.cfg.cluster.peak_tflops
+        peak = self.cfg.cluster.peak_for(self.cfg.train.precision)
         tflops = per_device * self.model_flops / 1e12
         mean_recent = sum(self._recent) / len(self._recent)
         metrics = StepMetrics(
@@ -266,7 +266,7 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
         f"steps: {cfg.train.steps} x {plan.global_batch_size * plan.seq_len:,} tokens "
         f"(seq {plan.seq_len}); log every {cfg.train.log_interval}",
         f"model FLOPs per token: {flops:.4g} (6N + 12*l*s*d, orchestrator.flops); "
-        f"device peak {cfg.cluster.peak_tflops:g} TFLOP/s",
+        f"device peak {cfg.cluster.peak_for(cfg.train.precision):g} TFLOP/s ({cfg.train.precision})",
         *allocator,
         *estimate,
         "=" * 72,

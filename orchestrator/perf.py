@@ -65,7 +65,7 @@ A framework allowance (``cluster.memory_overhead_gb``) covers what is not
 itemised.
 
 **Time per step**: hardware FLOPs (``orchestrator.flops``) over
-``peak_tflops x compute_efficiency``, stages assumed balanced; tp all-reduces
+the peak in the run's precision (``cluster.peak_for``) x ``compute_efficiency``, stages assumed balanced; tp all-reduces
 (4 per layer per micro-batch, 6 with recomputation, of s·b·h·e bytes, a ring
 moving 2(t-1)/t of it) over NVLink; the 1F1B bubble (p-1)/m of the busy time,
 i.e. (p-1)/(m+p-1) of the pipeline's time; pipeline sends (2 per micro-batch,
@@ -286,6 +286,7 @@ class Estimate:
     tokens_per_s_per_device: float
     mfu: float
     device_memory: float  # bytes
+    peak_tflops: float  # the device's dense peak in the run's precision
 
     @property
     def peak(self) -> StageMemory:
@@ -302,8 +303,9 @@ def estimate(cfg: Config, plan: Plan) -> Estimate:
     time = step_time(cfg, plan)
     tokens = plan.global_batch_size * plan.seq_len / time.total / plan.world_size
     args = cfg.model.to_args()
-    mfu = tokens * model_flops_per_token(args, plan.seq_len) / (cfg.cluster.peak_tflops * 1e12)
-    return Estimate(stages, time, tokens, mfu, cfg.cluster.device_memory_gb * GIB)
+    peak = cfg.cluster.peak_for(cfg.train.precision)
+    mfu = tokens * model_flops_per_token(args, plan.seq_len) / (peak * 1e12)
+    return Estimate(stages, time, tokens, mfu, cfg.cluster.device_memory_gb * GIB, peak)
 
 
 def rank_model_state(
@@ -363,7 +365,8 @@ def step_time(cfg: Config, plan: Plan) -> StepTime:
     recompute = cfg.parallel.activation_checkpointing == "full"
     tokens = plan.global_batch_size * plan.seq_len
     flops = hardware_flops_per_token(args, plan.seq_len, recompute=recompute) * tokens
-    compute = flops / plan.world_size / (cluster.peak_tflops * 1e12 * cluster.compute_efficiency)
+    peak = cluster.peak_for(cfg.train.precision) * 1e12
+    compute = flops / plan.world_size / (peak * cluster.compute_efficiency)
     m, p, t, d = plan.num_micro_batches, plan.pp, plan.tp, plan.dp
     micro_bytes = plan.micro_batch_size * plan.seq_len * args.dim * e  # one (b, s, h) tensor
     layers_per_stage = args.n_layers / p
@@ -403,7 +406,7 @@ def format_estimate(est: Estimate, cluster: ClusterConfig) -> list[str]:
         f"largest item: {peak.largest}",
         f"step time: {t.total:.3f} s = compute {t.compute:.3f} + tp comm {t.tp_comm:.3f} "
         f"+ bubble {t.bubble:.3f} + pp comm {t.pp_comm:.3f} + dp comm {t.dp_comm:.3f} "
-        f"(efficiency {cluster.compute_efficiency} of {cluster.peak_tflops} TFLOP/s)",
+        f"(efficiency {cluster.compute_efficiency} of {est.peak_tflops:g} TFLOP/s)",
         f"throughput: {est.tokens_per_s_per_device:,.1f} tokens/s per device, "
         f"MFU {100 * est.mfu:.1f}%",
     ]
