@@ -23,7 +23,10 @@ part's numbers to ``OUT/<part>.json``.
 4. ``compiled_trainer``: the trainer again with ``model.compile=true`` (compiled
    blocks under DeepSpeed), on a 4-layer cut of the 1B shape to keep its
    checkpoint small; peak memory against the plan printed too.
-5. ``summary``: the issue's targets (memory within 10%, MFU >= 50%, >= 1.3x
+5. ``profile``: where a step's device time goes, kernel by kernel, for ours
+   and transformers eager and ours compiled (``train_throughput.py --profile``):
+   what the next round of GPU tuning starts from. Last, so the budget cuts it first.
+6. ``summary``: the issue's targets (memory within 10%, MFU >= 50%, >= 1.3x
    transformers' tokens/s) against what the parts measured.
 
 ``--cpu-smoke`` runs the same parts with the tiny model on this CPU (cluster
@@ -53,7 +56,7 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PARTS = ("env", "memory", "throughput_eager", "throughput_compile", "compiled_trainer")
+PARTS = ("env", "memory", "throughput_eager", "throughput_compile", "compiled_trainer", "profile")
 # Seconds each part may take on an H100 (the budget may cut the later ones short).
 TIMEOUT_S = {
     "env": 90,
@@ -61,6 +64,7 @@ TIMEOUT_S = {
     "throughput_eager": 150,
     "throughput_compile": 240,
     "compiled_trainer": 150,
+    "profile": 150,
 }
 MIN_PART_S = 30  # a part is skipped when less than this is left of the budget
 MEMORY_TOLERANCE = 0.10  # the issue's "within 10%"
@@ -415,12 +419,29 @@ def _throughput(opts: argparse.Namespace, runners: list[str]) -> dict[str, Any]:
     return result
 
 
+def part_profile(opts: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "bench/train_throughput.py", "--profile", "--precisions", "bf16"]
+    cmd += ["--runners", "ours", "hf", "ours+compile"]
+    if opts.cpu_smoke:
+        cmd += ["--models", "tiny"]
+    else:
+        cmd += ["--device", "cuda", "--models", "1b"]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    print(proc.stdout, end="")
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], end="")
+        raise SystemExit(f"train_throughput.py --profile exited {proc.returncode}")
+    return {"table": proc.stdout.splitlines()}
+
+
 PART_FUNCTIONS = {
     "env": part_env,
     "memory": part_memory,
     "throughput_eager": part_throughput_eager,
     "throughput_compile": part_throughput_compile,
     "compiled_trainer": part_compiled_trainer,
+    "profile": part_profile,
 }
 
 

@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -219,32 +220,51 @@ def bench(
 
 
 def profile(
-    name: str, precision: str, runners: list[str], *, steps: int = 3, rows: int = 15
+    name: str,
+    precision: str,
+    runners: list[str],
+    *,
+    steps: int = 3,
+    rows: int = 15,
+    device: torch.device = CPU,
 ) -> None:
-    """Print each runner's busiest ops over ``steps`` steps, in ms per step.
+    """Print each runner's busiest ops (on a GPU: kernels) over ``steps`` steps, in ms per step.
 
     Inductor's CPU kernels are recorded under their own names
     (``cpp.enable_kernel_profile``), so a compiled runner's time is split by
-    kernel, not lumped into one ``CompiledFxGraph`` call.
+    kernel, not lumped into one ``CompiledFxGraph`` call; on a GPU the table
+    is the kernels' self device time (triton kernels named as inductor names them).
     """
     import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     inductor_config.cpp.enable_kernel_profile = True
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    what = "device" if cuda else "cpu"
     args, batch, seq = _shape(name)
-    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1))
+    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1)).to(device)
     for label in runners:
-        model, loss_fn = RUNNERS[label](args, DTYPES[precision])
+        model, loss_fn = RUNNERS[label](args, DTYPES[precision], device=device)
         opt = optimizer(model)
         time_steps(loss_fn, opt, tokens, WARMUP_STEPS)
-        with torch_profile() as prof:
+        with torch_profile(activities=activities) as prof:
             time_steps(loss_fn, opt, tokens, steps)
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
-        print(f"== {label}: {name} {precision}, self CPU time {total:.1f} ms per step")
+
+        def self_us(e: Any) -> float:
+            if cuda:  # self_cuda_time_total in torch releases before the rename
+                return float(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total)
+            return float(e.self_cpu_time_total)
+
+        events = sorted(prof.key_averages(), key=self_us, reverse=True)
+        total = sum(self_us(e) for e in events) / steps / 1e3
+        print(f"== {label}: {name} {precision}, self {what} time {total:.1f} ms per step")
         for e in events[:rows]:
-            ms = e.self_cpu_time_total / steps / 1e3
-            print(f"{ms:8.1f} ms {e.count // steps:4d}x  {e.key[:110]}")
+            print(f"{self_us(e) / steps / 1e3:8.1f} ms {e.count // steps:4d}x  {e.key[:110]}")
+        del model, loss_fn, opt
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -273,7 +293,7 @@ def main() -> None:
     if opts.profile:
         for name in opts.models:
             for precision in opts.precisions:
-                profile(name, precision, runners)
+                profile(name, precision, runners, device=device)
         return
     import transformers
 

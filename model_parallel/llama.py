@@ -65,7 +65,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = copy_to_tp_region(self.weight, self.tp_group)
-        fused = fused_rms_norm_affine() if x.is_cuda else None
+        # Compiled, inductor fuses the norm itself (apex's kernel would break the graph).
+        eager_cuda = x.is_cuda and not torch.compiler.is_compiling()
+        fused = fused_rms_norm_affine() if eager_cuda else None
         if fused is not None:
             return fused(x, weight, weight.shape, self.eps)
         normed = F.rms_norm(x.float(), weight.shape, eps=self.eps)
