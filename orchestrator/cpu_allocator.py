@@ -25,8 +25,8 @@ from pathlib import Path
 from orchestrator.config import ClusterConfig
 
 _NAMES = ("tcmalloc_minimal", "tcmalloc")
-# Set in a worker's environment once it has decided (the library, or "system"),
-# so that the re-executed worker, and any process it starts, does not decide again.
+# Set (to the library) in the environment of a worker re-executed with tcmalloc,
+# so that it, and any process it starts, does not decide again.
 MARK = "ORCHESTRATOR_CPU_ALLOCATOR"
 # tcmalloc reports each allocation over 1 GiB on stderr by default.
 _QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
@@ -47,8 +47,12 @@ def find_tcmalloc() -> str | None:
 
 def check(cluster: ClusterConfig) -> None:
     """``cluster.cpu_allocator=tcmalloc`` on CPU ranks needs the library here: else ValueError."""
-    required = cluster.gpus_per_node == 0 and cluster.cpu_allocator == "tcmalloc"
-    if required and find_tcmalloc() is None:
+    if cluster.gpus_per_node == 0:
+        _required(cluster, find_tcmalloc())
+
+
+def _required(cluster: ClusterConfig, library: str | None) -> None:
+    if library is None and cluster.cpu_allocator == "tcmalloc":
         raise ValueError(
             "cluster.cpu_allocator=tcmalloc: no libtcmalloc on this machine; install it "
             "(Debian/Ubuntu: apt install libtcmalloc-minimal4) or use cluster.cpu_allocator=auto"
@@ -64,8 +68,8 @@ def worker_env(cluster: ClusterConfig, env: Mapping[str, str]) -> dict[str, str]
     """
     if cluster.gpus_per_node > 0 or env.get(MARK) or cluster.cpu_allocator == "system":
         return None
-    check(cluster)
     library = find_tcmalloc()
+    _required(cluster, library)
     if library is None or "tcmalloc" in env.get("LD_PRELOAD", ""):
         return None
     preload = " ".join(filter(None, [library, env.get("LD_PRELOAD")]))
@@ -79,7 +83,7 @@ def loaded() -> str:
     except OSError:
         return "unknown (no /proc/self/maps)"
     for line in maps.splitlines():
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        if "libtcmalloc" in Path(path).name:
-            return f"tcmalloc ({path})"
+        fields = line.split()  # address perms offset dev inode [path]
+        if len(fields) >= 6 and Path(fields[5]).name.startswith("libtcmalloc"):
+            return f"tcmalloc ({fields[5]})"
     return "system malloc"

@@ -64,10 +64,10 @@ gradient, which exists before they are freed, and one logsumexp per token).
 A framework allowance (``cluster.memory_overhead_gb``) covers what is not
 itemised.
 
-**Time per step**: hardware FLOPs (``orchestrator.flops``) over
-the peak in the run's precision (``cluster.peak_for``) x ``compute_efficiency``, stages assumed balanced; tp all-reduces
-(4 per layer per micro-batch, 6 with recomputation, of s·b·h·e bytes, a ring
-moving 2(t-1)/t of it) over NVLink; the 1F1B bubble (p-1)/m of the busy time,
+**Time per step**: hardware FLOPs (``orchestrator.flops``) over the peak
+in the run's precision (``cluster.peak_for``) x ``compute_efficiency``,
+stages assumed balanced; tp all-reduces (4 per layer per micro-batch, 6 with
+recomputation, of s·b·h·e bytes, a ring moving 2(t-1)/t of it) over NVLink; the 1F1B bubble (p-1)/m of the busy time,
 i.e. (p-1)/(m+p-1) of the pipeline's time; pipeline sends (2 per micro-batch,
 s·b·h·e/t bytes) on the critical path; the dp gradient reduction
 (2(d-1)/d x Psi' elements, 1.5x that at ZeRO-3; fp32 in fp32 and bf16,
