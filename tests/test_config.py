@@ -187,6 +187,17 @@ def _model(**changes: object) -> ModelConfig:
             ),
             "cluster.time_limit=2 days: must be a SLURM time",
         ),
+        (
+            ClusterConfig(
+                name="c",
+                gpus_per_node=8,
+                device="x",
+                device_memory_gb=1,
+                peak_tflops=1,
+                peak_tflops_fp32=0.0,
+            ),
+            "cluster.peak_tflops_fp32=0.0: must be > 0",
+        ),
         (TrainConfig(steps=0, global_batch_size=8, lr=1e-3), "train.steps=0: must be a positive"),
         (
             TrainConfig(steps=1, global_batch_size=0, lr=1e-3),
@@ -232,3 +243,24 @@ def test_unknown_launcher() -> None:
         ValueError, match=r"^launcher=kubernetes: must be one of auto, local, slurm"
     ):
         cfg.validate()
+
+
+def test_peak_follows_the_precision() -> None:
+    """fp32 runs are measured against the fp32 peak where a cluster states one."""
+    a100 = load("cluster=a100_80g").cluster
+    assert (a100.peak_for("bf16"), a100.peak_for("fp16"), a100.peak_for("fp32")) == (312, 312, 19.5)
+    cfg = load("cluster=a100_80g")
+    cfg.cluster.peak_tflops_fp32 = None
+    assert cfg.cluster.peak_for("fp32") == 312
+    from orchestrator.perf import estimate
+    from orchestrator.plan import resolve_plan
+
+    times = {}
+    for precision in ("bf16", "fp32"):
+        cfg = load(
+            "model=7b", "parallel=tp8pp1", "cluster=a100_80g", f"train.precision={precision}"
+        )
+        est = estimate(cfg, resolve_plan(cfg))
+        times[precision] = est.time.compute
+        assert est.peak_tflops == cfg.cluster.peak_for(precision)
+    assert times["fp32"] == pytest.approx(times["bf16"] * 312 / 19.5)
