@@ -44,13 +44,14 @@ implementation (``model_parallel.llama``; checked tensor by tensor in
 
 With ``model.compile=true`` inductor's partitioner recomputes the cheap
 elementwise work in backward and saves less (checked tensor by tensor on
-compiled blocks in ``tests/test_perf.py``, and within 3% of the peak that one
+compiled blocks at tp 1 and 2, with and without sequence parallelism, in
+``tests/test_perf.py``, and within 3% of the peak that one
 H200 measured, ``bench/RESULTS.md``):
 
-- the layer input x (e) and the two RMSNorms' 1/rms (2·4 per token), /t with
-  sequence parallelism; no fp32 copies;
+- the two RMSNorms' inputs, x and x + attention (2·e), and their 1/rms (2·4
+  per token), /t with sequence parallelism; no fp32 copies;
 - the inputs of the q/k/v and w1/w3 projections: 2·e, as above;
-- q, k, v, the attention output and wo's input (its row-major copy): 5·e/t;
+- q, k, v and the attention output: 4·e/t;
 - SwiGLU: w1 x, w3 x and the product that feeds w2: 3·e·f/(h·t);
 - attention's logsumexp (4·heads/t per token).
 
@@ -203,8 +204,8 @@ def layer_activation_bytes(
     split = tp if sp else 1
     ffn = args.hidden_dim / args.dim
     if compiled:
-        norms = e / split  # the layer's input x
-        sharded = (5 * e + 3 * e * ffn) / tp
+        norms = 2 * e / split  # the norms' inputs
+        sharded = (4 * e + 3 * e * ffn) / tp
     else:
         norms = (2 * 4 + 2 * e) / split  # the fp32 copies and the normalised x before the weight
         sharded = (4 * e + 4 * e * ffn) / tp

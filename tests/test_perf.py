@@ -204,11 +204,12 @@ def test_layer_activations_are_what_autograd_saves(dtype: torch.dtype, e: int) -
 
 
 def test_compiled_layer_activations_hand_count() -> None:
-    """Compiled, tiny, bf16: per s*b*h x 2 + linear inputs 2 x 2 + q, k, v, output
-    and wo's input 5 x 2 + SwiGLU 3 x 2 x 3 = 34; per s*b the same 40."""
+    """Compiled, tiny, bf16: per s*b*h the norms' inputs 2 x 2 + linear inputs 2 x 2
+    + q, k, v, output 4 x 2 + SwiGLU 3 x 2 x 3 = 34; per s*b the same 40."""
     sb = 2 * 64
     assert _tiny_layer(compiled=True) == sb * 128 * 34 + sb * 40
-    assert _tiny_layer(tp=2, sp=True, compiled=True) == sb * 128 * (1 + 4 + 14) + sb * (4 + 16)
+    assert _tiny_layer(tp=2, compiled=True) == sb * 128 * (4 + 4 + 13) + sb * (8 + 16)
+    assert _tiny_layer(tp=2, sp=True, compiled=True) == sb * 128 * (2 + 4 + 13) + sb * (4 + 16)
 
 
 @pytest.mark.slow
@@ -230,6 +231,41 @@ def test_compiled_layer_activations_are_what_autograd_saves(dtype: torch.dtype, 
     shape = dict(seq_len=64, tp=1, sp=False, e=e, compiled=True)
     assert measured == layer_activation_bytes(args, micro_batch=2, **shape)  # type: ignore[arg-type]
     assert measured < layer_activation_bytes(args, micro_batch=2, **{**shape, "compiled": False})  # type: ignore[arg-type]
+
+
+def _saved_at_tp2(rank: int, world: int, sp: bool, compiled: bool) -> float:
+    """One rank of a tp = 2 block in bf16: saved bytes for batch 3 minus batch 1."""
+    import torch.distributed as dist
+
+    from model_parallel.llama import TransformerBlock
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
+    group = dist.group.WORLD
+    block = TransformerBlock(args, tp_group=group, sequence_parallel=sp).to(torch.bfloat16)
+    if compiled:
+        block.attention.cpu_matmul_backward = True
+        block.compile()
+    seq = 64 // world if sp else 64  # a sequence-parallel block takes its part of the sequence
+    saved = [
+        _saved_bytes(block, torch.randn(b, seq, 128, dtype=torch.bfloat16, requires_grad=True))
+        for b in (3, 1)
+    ]
+    return saved[0] - saved[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("sp", [False, True])
+def test_layer_activations_at_tp2_are_what_autograd_saves(sp: bool, compiled: bool) -> None:
+    """The /t and sequence-parallel terms against real tp = 2 blocks, eager and compiled."""
+    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
+    want = layer_activation_bytes(
+        args, micro_batch=2, seq_len=64, tp=2, sp=sp, e=2, compiled=compiled
+    )
+    for measured in run_ranks(_saved_at_tp2, 2, sp, compiled, timeout=500):
+        assert measured == want
 
 
 @pytest.mark.parametrize("compiled", [False, True])
