@@ -243,6 +243,12 @@ def profile(
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     what = "device" if cuda else "cpu"
+
+    def self_us(e: Any) -> float:
+        if cuda:  # self_cuda_time_total in torch releases before the rename
+            return float(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total)
+        return float(e.self_cpu_time_total)
+
     args, batch, seq = _shape(name)
     tokens = torch.randint(0, args.vocab_size, (batch, seq + 1)).to(device)
     for label in runners:
@@ -251,12 +257,6 @@ def profile(
         time_steps(loss_fn, opt, tokens, WARMUP_STEPS)
         with torch_profile(activities=activities) as prof:
             time_steps(loss_fn, opt, tokens, steps)
-
-        def self_us(e: Any) -> float:
-            if cuda:  # self_cuda_time_total in torch releases before the rename
-                return float(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total)
-            return float(e.self_cpu_time_total)
-
         events = sorted(prof.key_averages(), key=self_us, reverse=True)
         total = sum(self_us(e) for e in events) / steps / 1e3
         print(f"== {label}: {name} {precision}, self {what} time {total:.1f} ms per step")

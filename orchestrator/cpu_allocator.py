@@ -47,7 +47,7 @@ def find_tcmalloc() -> str | None:
 
 def check(cluster: ClusterConfig) -> None:
     """``cluster.cpu_allocator=tcmalloc`` on CPU ranks needs the library here: else ValueError."""
-    if cluster.gpus_per_node == 0:
+    if cluster.gpus_per_node == 0 and cluster.cpu_allocator == "tcmalloc":
         _required(cluster, find_tcmalloc())
 
 

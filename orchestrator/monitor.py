@@ -55,6 +55,7 @@ class Monitor:
         self.tokens_per_step = plan.global_batch_size * plan.seq_len
         args = cfg.model.to_args()
         self.model_flops = model_flops_per_token(args, plan.seq_len)
+        self.peak_tflops = cfg.cluster.peak_for(cfg.train.precision)
         recompute = cfg.parallel.activation_checkpointing == "full"
         self.hardware_flops = (
             hardware_flops_per_token(args, plan.seq_len, recompute=True) if recompute else None
@@ -100,7 +101,7 @@ class Monitor:
         self._interval_time, self._interval_steps = 0.0, 0
         tokens_per_s = self.tokens_per_step / step_time
         per_device = tokens_per_s / self.plan.world_size
-        peak = self.cfg.cluster.peak_for(self.cfg.train.precision)
+        peak = self.peak_tflops
         tflops = per_device * self.model_flops / 1e12
         mean_recent = sum(self._recent) / len(self._recent)
         metrics = StepMetrics(

@@ -150,11 +150,15 @@ def test_zero_state_matches_the_16_bytes_rule() -> None:
     assert z3.params + z3.grads + z3.optimizer == 16 * n // dp
 
 
+TINY = ModelArgs(
+    dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64
+)  # h=128, a=8, f=384
+
+
 def _tiny_layer(**kw: int | bool) -> float:
-    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
     shape: dict[str, int | bool] = dict(micro_batch=2, seq_len=64, tp=1, sp=False, e=2)
     shape.update(kw)
-    return layer_activation_bytes(args, **shape)  # type: ignore[arg-type]
+    return layer_activation_bytes(TINY, **shape)  # type: ignore[arg-type]
 
 
 def test_layer_activations_hand_count() -> None:
@@ -188,19 +192,31 @@ def _saved_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(saved.values())
 
 
+def _block_saves(
+    dtype: torch.dtype, *, compiled: bool, tp_group: Any = None, sp: bool = False
+) -> int:
+    """What a TINY block (compiled as ``compile_model`` does, if ``compiled``) saves
+    for batch 3 minus batch 1, per rank: the rotary tables, which do not grow with
+    the batch, cancel. A sequence-parallel block takes its part of the 64 tokens."""
+    from model_parallel.llama import TransformerBlock
+
+    block = TransformerBlock(TINY, tp_group=tp_group, sequence_parallel=sp).to(dtype)
+    if compiled:
+        torch._dynamo.reset()
+        block.attention.cpu_matmul_backward = True
+        block.compile()
+    seq = 64 // 2 if sp else 64
+    batches = [torch.randn(b, seq, TINY.dim, dtype=dtype, requires_grad=True) for b in (3, 1)]
+    return _saved_bytes(block, batches[0]) - _saved_bytes(block, batches[1])
+
+
 @pytest.mark.parametrize(("dtype", "e"), [(torch.float32, 4), (torch.bfloat16, 2)])
 def test_layer_activations_are_what_autograd_saves(dtype: torch.dtype, e: int) -> None:
     """The formula against the tensors a real block saves (batch 3 minus batch 1:
     the rotary tables, which do not grow with the batch, cancel)."""
-    from model_parallel.llama import TransformerBlock
-
-    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
-    block = TransformerBlock(args, tp_group=None, sequence_parallel=False).to(dtype)
-    x3 = torch.randn(3, 64, 128, dtype=dtype, requires_grad=True)
-    x1 = torch.randn(1, 64, 128, dtype=dtype, requires_grad=True)
-    measured = _saved_bytes(block, x3) - _saved_bytes(block, x1)
+    measured = _block_saves(dtype, compiled=False)
     shape = dict(seq_len=64, tp=1, sp=False, e=e)
-    assert measured == layer_activation_bytes(args, micro_batch=2, **shape)  # type: ignore[arg-type]
+    assert measured == layer_activation_bytes(TINY, micro_batch=2, **shape)  # type: ignore[arg-type]
 
 
 def test_compiled_layer_activations_hand_count() -> None:
@@ -218,40 +234,18 @@ def test_compiled_layer_activations_hand_count() -> None:
 def test_compiled_layer_activations_are_what_autograd_saves(dtype: torch.dtype, e: int) -> None:
     """``model.compile=true``: the formula against what a compiled block saves
     (``compile_model``'s settings; batch 3 minus batch 1 as above)."""
-    from model_parallel.llama import TransformerBlock
-
-    torch._dynamo.reset()
-    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
-    block = TransformerBlock(args, tp_group=None, sequence_parallel=False).to(dtype)
-    block.attention.cpu_matmul_backward = True
-    block.compile()
-    x3 = torch.randn(3, 64, 128, dtype=dtype, requires_grad=True)
-    x1 = torch.randn(1, 64, 128, dtype=dtype, requires_grad=True)
-    measured = _saved_bytes(block, x3) - _saved_bytes(block, x1)
+    measured = _block_saves(dtype, compiled=True)
     shape = dict(seq_len=64, tp=1, sp=False, e=e, compiled=True)
-    assert measured == layer_activation_bytes(args, micro_batch=2, **shape)  # type: ignore[arg-type]
-    assert measured < layer_activation_bytes(args, micro_batch=2, **{**shape, "compiled": False})  # type: ignore[arg-type]
+    assert measured == layer_activation_bytes(TINY, micro_batch=2, **shape)  # type: ignore[arg-type]
+    assert measured < layer_activation_bytes(TINY, micro_batch=2, **{**shape, "compiled": False})  # type: ignore[arg-type]
 
 
-def _saved_at_tp2(rank: int, world: int, sp: bool, compiled: bool) -> float:
+def _saved_at_tp2(rank: int, world: int, sp: bool, compiled: bool) -> int:
     """One rank of a tp = 2 block in bf16: saved bytes for batch 3 minus batch 1."""
     import torch.distributed as dist
 
-    from model_parallel.llama import TransformerBlock
-
     torch.manual_seed(0)
-    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
-    group = dist.group.WORLD
-    block = TransformerBlock(args, tp_group=group, sequence_parallel=sp).to(torch.bfloat16)
-    if compiled:
-        block.attention.cpu_matmul_backward = True
-        block.compile()
-    seq = 64 // world if sp else 64  # a sequence-parallel block takes its part of the sequence
-    saved = [
-        _saved_bytes(block, torch.randn(b, seq, 128, dtype=torch.bfloat16, requires_grad=True))
-        for b in (3, 1)
-    ]
-    return saved[0] - saved[1]
+    return _block_saves(torch.bfloat16, compiled=compiled, tp_group=dist.group.WORLD, sp=sp)
 
 
 @pytest.mark.slow
@@ -260,9 +254,8 @@ def _saved_at_tp2(rank: int, world: int, sp: bool, compiled: bool) -> float:
 @pytest.mark.parametrize("sp", [False, True])
 def test_layer_activations_at_tp2_are_what_autograd_saves(sp: bool, compiled: bool) -> None:
     """The /t and sequence-parallel terms against real tp = 2 blocks, eager and compiled."""
-    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
     want = layer_activation_bytes(
-        args, micro_batch=2, seq_len=64, tp=2, sp=sp, e=2, compiled=compiled
+        TINY, micro_batch=2, seq_len=64, tp=2, sp=sp, e=2, compiled=compiled
     )
     for measured in run_ranks(_saved_at_tp2, 2, sp, compiled, timeout=500):
         assert measured == want
@@ -275,10 +268,9 @@ def test_loss_saves_what_the_logits_item_counts(compiled: bool) -> None:
     token (the item adds the logits' gradient)."""
     from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 
-    args = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64)
     b, s, vocab = 3, 64, 2048
     logits = torch.randn(b, s, vocab, dtype=torch.bfloat16, requires_grad=True)
-    target = torch.randint(0, args.vocab_size, (b, s))
+    target = torch.randint(0, TINY.vocab_size, (b, s))
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -288,7 +280,7 @@ def test_loss_saves_what_the_logits_item_counts(compiled: bool) -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         vocab_parallel_cross_entropy(logits, target, compiled=compiled).sum().backward()
-    item = logits_bytes(args, vocab, micro_batch=b, seq_len=s, tp=1, e=2, compiled=compiled)
+    item = logits_bytes(TINY, vocab, micro_batch=b, seq_len=s, tp=1, e=2, compiled=compiled)
     if compiled:
         assert sum(saved.values()) == b * s * vocab * 2 + b * s * 4
         assert item == sum(saved.values()) + b * s * vocab * 2  # + the gradient
