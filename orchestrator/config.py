@@ -215,7 +215,13 @@ class TrainConfig:
 
 @dataclass
 class DataSourceConfig:
-    """One indexed shard (``PREFIX.bin`` + ``PREFIX.idx``) of a blend, with its weight."""
+    """One source of a blend, with its weight: a shard, a folder of shards or a glob.
+
+    ``prefix`` is one shard (``PREFIX.bin`` + ``PREFIX.idx``), a folder (every
+    shard in it, not recursive) or a glob of shard files or prefixes
+    (``common_crawl/*``); inside a source, shards are read in proportion to
+    their tokens.
+    """
 
     name: str = MISSING
     prefix: str = MISSING  # relative to data.root unless absolute
@@ -238,6 +244,10 @@ class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)
     valid_fraction: float = 0.01  # documents held out per source
     split_seed: int = 1234  # the train/validation split does not move with train.seed
+    # Whole-run indexes (document order, samples, blend), built once and
+    # memory-mapped by every rank; null: DATA_ROOT/index_cache (Megatron keeps
+    # its index cache beside the data too).
+    cache_dir: str | None = None
     num_samples: int = 0  # synthetic: distinct samples before repeating (0: never)
     alpaca_path: str | None = None
     packing: bool = False  # alpaca: pack examples back to back instead of padding

@@ -59,10 +59,11 @@ def test_index_agrees_with_bin(tmp_path: Path, model: Path) -> None:
     bin_path, _ = shard_paths(tmp_path / "out")
     assert dataset.dtype == np.uint16  # a vocabulary of 600
     assert len(dataset) == 100
-    assert dataset.offsets[0] == 0 and np.all(dataset.doc_lengths >= 2)
+    assert dataset.pointers[0] == 0 and np.all(dataset.doc_lengths >= 2)
     assert dataset.doc_lengths.sum() == bin_path.stat().st_size // dataset.dtype.itemsize
     tokens = np.fromfile(bin_path, dtype=dataset.dtype)
-    assert np.array_equal(np.flatnonzero(tokens == 2) + 1, dataset.offsets[1:])  # </s> ends each
+    ends = (dataset.pointers // dataset.dtype.itemsize) + dataset.lengths
+    assert np.array_equal(np.flatnonzero(tokens == 2) + 1, ends)  # </s> ends each
 
 
 @pytest.mark.timeout(60)

@@ -9,12 +9,17 @@ tokenizer's. Each problem is one ``ValueError`` line naming the field.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import torch.distributed as dist
 
 from orchestrator.config import Config
 from orchestrator.data import MicroBatchSource
-from orchestrator.data.indexed import shard_paths
+from orchestrator.data.run_index import IndexSpec, RunIndex, SourceSpec, ensure_index
+from orchestrator.data.shards import check_shard, expand_source
 
+log = logging.getLogger("orchestrator.data.build")
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,16 +52,16 @@ def resolve_paths(cfg: Config) -> None:
     if data.kind == "blended":
         root = _absolute(data.root)
         data.root = str(root)
+        vocab = cfg.model.vocab_size
         for i, source in enumerate(data.sources):
-            prefix = Path(source.prefix)
-            prefix = prefix if prefix.is_absolute() else root / prefix
-            bin_path, idx_path = shard_paths(prefix)
-            if not (bin_path.is_file() and idx_path.is_file()):
-                raise ValueError(
-                    f"data.sources[{i}].prefix={source.prefix}: no shard at {prefix}.bin/.idx "
-                    "(set data.root, or make it with python -m orchestrator.data.preprocess)"
-                )
-            source.prefix = str(prefix)
+            field = f"data.sources[{i}].prefix"
+            shards = expand_source(source.prefix, root, field=field)
+            for shard in shards:
+                check_shard(shard, vocab_size=vocab, field=field)
+            given = Path(source.prefix).expanduser()
+            source.prefix = str(given if given.is_absolute() else root / given)
+        cache = Path(data.cache_dir).expanduser() if data.cache_dir else root / "index_cache"
+        data.cache_dir = str(cache if cache.is_absolute() else Path.cwd() / cache)
     if data.kind == "alpaca":
         assert data.alpaca_path is not None
         path = _absolute(data.alpaca_path)
@@ -113,22 +118,67 @@ def build_sources(
             ),
             None,
         )
-    from orchestrator.data.sources import BlendedSource, ShardSpec, packed_splits
+    from orchestrator.data.sources import BlendedSource
 
-    trains, valids, weights = [], [], []
-    for source in data.sources:
-        train, valid = packed_splits(
-            ShardSpec(source.name, source.prefix, source.weight),
-            seq_len=seq_len,
-            valid_fraction=data.valid_fraction,
-            split_seed=data.split_seed,
-            seed=seed,
+    folder = _run_index_folder(cfg, seq_len=seq_len, global_batch=global_batch)
+    if folder is None:
+        raise RuntimeError("rank 0 could not build the data index (see its log)")
+    train = BlendedSource(folder, "train", **place)
+    has_valid = RunIndex(folder).num_samples("valid") > 0
+    return train, (BlendedSource(folder, "valid", **place) if has_valid else None)
+
+
+def index_spec(cfg: Config, *, seq_len: int, global_batch: int) -> IndexSpec:
+    """What the run's indexes are built from: the sources' shards, seeds and sample counts.
+
+    Training reads ``train.steps`` global batches, plus 1% (rollbacks move
+    the data forward); validation ``train.eval_iters`` global batches, the
+    same ones at every evaluation.
+    """
+    data, train = cfg.data, cfg.train
+    root = Path(data.root)
+    sources = tuple(
+        SourceSpec(
+            s.name,
+            float(s.weight),
+            tuple(expand_source(s.prefix, root, field=f"data.sources[{i}].prefix")),
         )
-        trains.append(train)
-        weights.append(source.weight)
-        if valid is not None:
-            valids.append((valid, source.weight))
-    validation = (
-        BlendedSource([v for v, _ in valids], [w for _, w in valids], **place) if valids else None
+        for i, s in enumerate(data.sources)
     )
-    return BlendedSource(trains, weights, **place), validation
+    steps = train.steps + max(1, train.steps // 100)
+    return IndexSpec(
+        sources=sources,
+        seq_len=seq_len,
+        seed=train.seed,
+        split_seed=data.split_seed,
+        valid_fraction=data.valid_fraction,
+        num_train_samples=steps * global_batch,
+        num_valid_samples=train.eval_iters * global_batch if train.eval_interval else 0,
+    )
+
+
+def cache_dir(cfg: Config) -> Path:
+    data = cfg.data
+    return Path(data.cache_dir) if data.cache_dir else Path(data.root) / "index_cache"
+
+
+def prepare_index(cfg: Config, *, seq_len: int, global_batch: int) -> Path:
+    """Build the run's indexes (or find them built); their folder."""
+    spec = index_spec(cfg, seq_len=seq_len, global_batch=global_batch)
+    return ensure_index(spec, cache_dir(cfg))
+
+
+def _run_index_folder(cfg: Config, *, seq_len: int, global_batch: int) -> Path | None:
+    """Rank 0 builds or finds the index; every rank gets its folder (None: rank 0 failed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return prepare_index(cfg, seq_len=seq_len, global_batch=global_batch)
+    found: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            found[0] = str(prepare_index(cfg, seq_len=seq_len, global_batch=global_batch))
+        finally:
+            dist.broadcast_object_list(found, src=0)  # the others are not left waiting
+    else:
+        log.info("data: waiting for rank 0 to build or find the run's index in %s", cache_dir(cfg))
+        dist.broadcast_object_list(found, src=0)
+    return None if found[0] is None else Path(found[0])

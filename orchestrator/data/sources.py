@@ -1,46 +1,30 @@
-"""Pre-training data: a weighted blend of indexed shards, split into train and validation."""
+"""Pre-training data: a weighted blend of sources of indexed shards, train and validation.
+
+The indexes are built once for the whole run (``orchestrator.data.run_index``)
+and opened lazily: a rank that never asks for a batch (a middle pipeline
+stage) maps nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from pathlib import Path
 
 import numpy as np
 
 from orchestrator.data import SampleSource
-from orchestrator.data.blend import BlendedIndex, PackedDataset, split_documents
-from orchestrator.data.indexed import IndexedDataset
+from orchestrator.data.run_index import BlendedSamples, RunIndex
 
-
-@dataclass(frozen=True)
-class ShardSpec:
-    name: str
-    prefix: str
-    weight: float
-
-
-def packed_splits(
-    spec: ShardSpec, *, seq_len: int, valid_fraction: float, split_seed: int, seed: int
-) -> tuple[PackedDataset, PackedDataset | None]:
-    """The train and (when held out) validation samples of one shard."""
-    shard = IndexedDataset(spec.prefix)
-    train_docs, valid_docs = split_documents(
-        len(shard), valid_fraction=valid_fraction, seed=split_seed
-    )
-    train = PackedDataset(shard, train_docs, seq_len=seq_len, seed=seed)
-    valid = (
-        PackedDataset(shard, valid_docs, seq_len=seq_len, seed=seed) if len(valid_docs) else None
-    )
-    return train, valid
+log = logging.getLogger("orchestrator.data.sources")
 
 
 class BlendedSource(SampleSource):
-    """Samples drawn from several packed datasets in exact proportion to their weights."""
+    """Samples of one split of a built run index, in exact proportion to the source weights."""
 
     def __init__(
         self,
-        datasets: Sequence[PackedDataset],
-        weights: Sequence[float],
+        folder: Path,
+        split: str,
         *,
         global_batch: int,
         micro_batch: int,
@@ -50,9 +34,29 @@ class BlendedSource(SampleSource):
         super().__init__(
             global_batch=global_batch, micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size
         )
-        self.datasets = list(datasets)
-        self.index = BlendedIndex(weights)
+        self.folder = folder
+        self.split = split
+        self._samples: BlendedSamples | None = None
+        self._wrapped = False
+
+    @property
+    def samples(self) -> BlendedSamples:
+        if self._samples is None:
+            self._samples = RunIndex(self.folder).split(self.split)
+        return self._samples
 
     def sample(self, index: int) -> tuple[np.ndarray, None]:
-        dataset, sample = self.index[index]
-        return self.datasets[dataset][sample], None
+        samples = self.samples
+        if index >= samples.num_samples:
+            # Only past the planned run (rollbacks move the data forward): start over.
+            if not self._wrapped:
+                log.warning(
+                    "data: sample %d is past the %d the %s index was built for; "
+                    "reading it from the start again",
+                    index,
+                    samples.num_samples,
+                    self.split,
+                )
+                self._wrapped = True
+            index %= samples.num_samples
+        return samples[index], None
