@@ -217,6 +217,29 @@ def slurm_port(job_id: int) -> int:
     return 20000 + job_id % 20000
 
 
+def array_task(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """This SLURM array task's ``(index, count)``, index in ``[0, count)``; None outside one.
+
+    The index is ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP``
+    (``--array=1-9:2`` gives 0..4) and the count ``SLURM_ARRAY_TASK_COUNT``. A list
+    of ids with gaps (``--array=1,4,5``) gives no dense index and is an error.
+    """
+    env = os.environ if environ is None else environ
+    task_id = _opt_int(env, "SLURM_ARRAY_TASK_ID")
+    if task_id is None:
+        return None
+    count = _int(env, "SLURM_ARRAY_TASK_COUNT")
+    first = _or(_opt_int(env, "SLURM_ARRAY_TASK_MIN"), 0)
+    step = _or(_opt_int(env, "SLURM_ARRAY_TASK_STEP"), 1)
+    index, rest = divmod(task_id - first, max(step, 1))
+    if rest or not 0 <= index < count:
+        raise RuntimeError(
+            f"SLURM_ARRAY_TASK_ID={task_id}: not min({first}) + k * step({step}) "
+            f"with k in [0, count({count})); use a range --array=A-B[:S]"
+        )
+    return index, count
+
+
 def tasks_per_node(spec: str) -> list[int]:
     """Expand SLURM's compressed tasks per node: ``"2(x3),1"`` -> ``[2, 2, 2, 1]``."""
     counts: list[int] = []

@@ -1,6 +1,7 @@
 """Reading raw documents: input formats, records, and what makes one malformed.
 
-Inputs, by file name (each may end in ``.gz``):
+Inputs, by file name (each may end in ``.gz`` or ``.zst``; a ``.zst`` file may
+hold several frames, as zstd's ``--long``/multi-threaded writers make them):
 
 * ``.jsonl`` / ``.json`` / ``.ndjson``: one JSON object per line, the document
   in its ``text`` field (the RedPajama format; other fields are ignored).
@@ -14,19 +15,26 @@ JSON, has no ``text``, a ``text`` that is not a string, or invalid UTF-8.
 
 from __future__ import annotations
 
+import glob
 import gzip
+import io
 import json
 import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import zstandard
 
 log = logging.getLogger("orchestrator.data.documents")
 
 MAX_REPORTED_MALFORMED = 10
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
+COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
+_GLOB_CHARS = frozenset("*?[")
+_ZST_CHUNK = 1 << 18  # compressed bytes decompressed at a time
 TEXT_SPLITS = ("file", "lines")
 Record = tuple[int, int, bytes]  # (source index, 1-based line number, raw bytes)
 
@@ -35,7 +43,7 @@ Record = tuple[int, int, bytes]  # (source index, 1-based line number, raw bytes
 class Source:
     path: Path
     format: str  # "jsonl" or "text"
-    compressed: bool
+    compression: str | None  # None, "gz" or "zst"
     size: int  # bytes on disk
 
 
@@ -59,13 +67,34 @@ def check_inputs(inputs: Sequence[Path], *, text_split: str = "file") -> list[So
     for path in map(Path, inputs):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+        compression = COMPRESSIONS.get(path.suffix)
+        suffixes = path.suffixes[-2:] if compression else path.suffixes[-1:]
         fmt = _FORMATS.get(suffixes[0] if suffixes else "")
         if fmt is None:
             known = ", ".join(_FORMATS)
-            raise ValueError(f"{path}: unknown input format (expected {known}, optionally .gz)")
-        sources.append(Source(path, fmt, path.suffix == ".gz", path.stat().st_size))
+            raise ValueError(
+                f"{path}: unknown input format (expected {known}, optionally .gz or .zst)"
+            )
+        sources.append(Source(path, fmt, compression, path.stat().st_size))
     return sources
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """The files named by command-line ``patterns`` (globs too), sorted by path, each once.
+
+    A glob that matches nothing is an error; a plain name is kept, for
+    ``check_inputs`` to report when it is missing.
+    """
+    paths: set[Path] = set()
+    for pattern in patterns:
+        if _GLOB_CHARS.isdisjoint(pattern):
+            paths.add(Path(pattern))
+            continue
+        matches = glob.glob(pattern)
+        if not matches:
+            raise ValueError(f"--input {pattern!r}: matches no file")
+        paths.update(map(Path, matches))
+    return sorted(paths, key=str)
 
 
 class Reader:
@@ -86,17 +115,72 @@ class Reader:
             try:
                 with source.path.open("rb") as raw:
                     self._raw = raw
-                    stream: IO[bytes] | gzip.GzipFile = (
-                        gzip.GzipFile(fileobj=raw) if source.compressed else raw
-                    )
+                    stream = _decompressed(raw, source.compression)
                     if source.format == "text" and self.text_split == "file":
                         yield (i, 1, stream.read())
                     else:
                         yield from ((i, n, line) for n, line in enumerate(stream, 1))
                     self._raw = None
-            except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz
+            # EOFError: a truncated .gz or .zst
+            except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
                 raise OSError(f"{source.path}: cannot read ({e})") from e
             self._done += source.size
+
+
+def _decompressed(
+    raw: IO[bytes], compression: str | None
+) -> IO[bytes] | gzip.GzipFile | io.BufferedReader:
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=raw)
+    if compression == "zst":
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 16)
+    return raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame in ``raw``, streamed.
+
+    Not ``ZstdDecompressor().stream_reader``: that one returns a truncated
+    file's bytes as if it were complete. Raises ``EOFError`` when the input
+    ends inside a frame.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame: zstandard.ZstdDecompressionObj | None = None  # None between frames
+        self._out = b""
+        self._pos = 0  # in _out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos == len(self._out):
+            if not self._decompress_chunk():
+                return 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress_chunk(self) -> bool:
+        """Decompresses the next chunk of input into ``_out``; False at the end."""
+        chunk = self._raw.read(_ZST_CHUNK)
+        if not chunk:
+            if self._frame is not None:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            return False
+        parts = []
+        while chunk:
+            if self._frame is None:
+                self._frame = self._decompressor.decompressobj()
+            parts.append(self._frame.decompress(chunk))
+            chunk = b""
+            if self._frame.eof:  # the chunk may hold the start of the next frame
+                chunk, self._frame = self._frame.unused_data, None
+        self._out, self._pos = b"".join(parts), 0
+        return True
 
 
 def read_documents(inputs: Sequence[Path], *, text_split: str = "file") -> Iterator[str]:

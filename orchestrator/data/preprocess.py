@@ -1,6 +1,6 @@
 """Raw documents to one indexed token shard (see ``orchestrator.data.indexed``).
 
-The input formats (JSONL with a ``text`` field, plain text; ``.gz`` too) and
+The input formats (JSONL with a ``text`` field, plain text; ``.gz`` and ``.zst`` too) and
 what makes a record malformed are in ``orchestrator.data.documents``.
 
 Every input record (a JSONL line, a text file, a text line) ends up in exactly
@@ -77,7 +77,7 @@ class Summary:
     num_empty: int = 0
     num_malformed: int = 0
     malformed: list[Malformed] = field(default_factory=list)  # the first few
-    input_bytes: int = 0  # size of the input files (compressed size for .gz)
+    input_bytes: int = 0  # size of the input files (compressed size for .gz, .zst)
     bytes_read: int = 0
     elapsed_s: float = 0.0
 
