@@ -151,8 +151,8 @@ class IndexedDataset:
             raise ValueError(
                 f"{bin_path}: {bin_path.stat().st_size} bytes, the index says {expected}"
             )
-        self.tokens = (
-            np.memmap(bin_path, dtype=self.dtype, mode="r")
+        self.tokens = (  # a plain view of the map: no memmap overhead per slice
+            np.asarray(np.memmap(bin_path, dtype=self.dtype, mode="r"))
             if expected
             else np.zeros(0, dtype=self.dtype)
         )

@@ -270,7 +270,7 @@ class RunIndex:
             raise CorruptIndex(f"{self.folder}/{name}.npy: {e}") from None
         if list(array.shape) != meta["shape"] or array.dtype.str != meta["dtype"]:
             raise CorruptIndex(f"{self.folder}/{name}.npy: not the array the manifest lists")
-        return array
+        return np.asarray(array)  # a plain view of the map: no memmap overhead per lookup
 
     def num_samples(self, split: str) -> int:
         return int(self.manifest["splits"][split]["num_samples"])

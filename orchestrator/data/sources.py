@@ -43,6 +43,7 @@ class BlendedSource(SampleSource):
     def samples(self) -> BlendedSamples:
         if self._samples is None:
             self._samples = RunIndex(self.folder).split(self.split)
+            log.info("data: reading the %s samples of %s", self.split, self.folder)
         return self._samples
 
     def sample(self, index: int) -> tuple[np.ndarray, None]:
