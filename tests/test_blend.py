@@ -480,3 +480,32 @@ def test_prepare_builds_the_index_the_run_finds(tmp_path: Path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["spec"]["num_train_samples"] == (30 + 1) * 8  # steps (+1%) x global batch
     assert manifest["splits"]["valid"]["num_samples"] == 4 * 8  # eval_iters x global batch
+
+
+def test_prefetched_batches_are_the_batches_across_jumps(tmp_path: Path) -> None:
+    folder = ensure_index(_spec(_two_sources(tmp_path)), tmp_path / "cache")
+    plain = _source(folder, dp_rank=1, dp_size=2)
+    expected = [plain.micro_batch_at(p) for p in range(40)]
+    source = _source(folder, dp_rank=1, dp_size=2)
+    seen = []
+    for jump in (0, 7, 3, 20):  # resumes, rollbacks, validation starting over
+        source.load_state_dict({"position": jump})
+        batches = iter(source)
+        seen.append([(jump + i, next(batches)) for i in range(12)])
+    for run in seen:
+        for position, (inputs, labels) in run:
+            assert torch.equal(inputs, expected[position][0]), position
+            assert torch.equal(labels, expected[position][1]), position
+    assert source.state_dict() == {"position": 32}
+
+
+def test_a_failing_read_is_raised_in_the_loop(tmp_path: Path) -> None:
+    folder = ensure_index(_spec(_two_sources(tmp_path)), tmp_path / "cache")
+    source = _source(folder, dp_rank=0, dp_size=1)
+
+    def broken(position: int) -> object:
+        raise OSError(f"cannot read position {position}")
+
+    source._prefetch.build = broken  # type: ignore[assignment]
+    with pytest.raises(OSError, match="cannot read position 0"):
+        next(iter(source))

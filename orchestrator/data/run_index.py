@@ -104,6 +104,7 @@ def ensure_index(spec: IndexSpec, cache_dir: Path) -> Path:
     if folder.is_dir():
         try:
             RunIndex(folder)
+            log.info("found the data index %s", folder)
             return folder
         except CorruptIndex as e:
             log.warning("data index %s is damaged (%s): building it again", folder, e)

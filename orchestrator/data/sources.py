@@ -2,17 +2,20 @@
 
 The indexes are built once for the whole run (``orchestrator.data.run_index``)
 and opened lazily: a rank that never asks for a batch (a middle pipeline
-stage) maps nothing.
+stage) maps nothing. Micro-batches are built a step ahead in a background
+thread (``orchestrator.data.prefetch``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from orchestrator.data import SampleSource
+from orchestrator.data import Batch, SampleSource
+from orchestrator.data.prefetch import Prefetcher
 from orchestrator.data.run_index import BlendedSamples, RunIndex
 
 log = logging.getLogger("orchestrator.data.sources")
@@ -38,6 +41,14 @@ class BlendedSource(SampleSource):
         self.split = split
         self._samples: BlendedSamples | None = None
         self._wrapped = False
+        # one step ahead, and the step after it started
+        self._prefetch = Prefetcher(self.micro_batch_at, depth=min(256, 2 * self.micro_per_step))
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            batch = self._prefetch.get(self.position)
+            self.position += 1
+            yield batch
 
     @property
     def samples(self) -> BlendedSamples:
