@@ -336,7 +336,7 @@ class ProgressBar:
             self.stream.write("\r\x1b[K")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class RaisingArgumentParser(argparse.ArgumentParser):
     """Usage errors raise instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -344,7 +344,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _ArgumentParser(
+    parser = RaisingArgumentParser(
         prog="python -m orchestrator.data.preprocess",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -65,7 +65,7 @@ from typing import TextIO
 from orchestrator import dist_env
 from orchestrator.data.documents import COMPRESSIONS, TEXT_SPLITS, check_inputs, expand_inputs
 from orchestrator.data.indexed import IndexedDataset, shard_paths
-from orchestrator.data.preprocess import _START_METHOD, Summary, preprocess
+from orchestrator.data.preprocess import _START_METHOD, RaisingArgumentParser, Summary, preprocess
 from orchestrator.data.preprocess_sbatch import render_array_script
 from orchestrator.data.tokenizer import Tokenizer
 
@@ -339,15 +339,8 @@ class Progress:
 # -- command line ---------------------------------------------------------------------
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """Usage errors raise instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ValueError(message)
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _ArgumentParser(
+    parser = RaisingArgumentParser(
         prog="python -m orchestrator.data.preprocess_many",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
