@@ -509,3 +509,26 @@ def test_a_failing_read_is_raised_in_the_loop(tmp_path: Path) -> None:
     source._prefetch.build = broken  # type: ignore[assignment]
     with pytest.raises(OSError, match="cannot read position 0"):
         next(iter(source))
+
+
+def test_a_source_of_more_shards_than_the_open_file_limit(tmp_path: Path) -> None:
+    import resource
+
+    shards = tuple(_shard(tmp_path / f"s{i:03d}", _documents(2, i)) for i in range(300))
+    spec = _spec([SourceSpec("many", 1.0, shards)], valid_fraction=0.0, num_valid_samples=0)
+    folder = ensure_index(spec, tmp_path / "cache")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # 300 shards need 600
+    try:
+        samples = RunIndex(folder).split("train")
+        for k in range(samples.num_samples):
+            samples[k]
+        reader = samples.readers[0]
+        for shard in range(300):  # every shard open at once
+            assert np.array_equal(
+                reader.document(int(reader.starts[shard])), IndexedDataset(shards[shard])[0]
+            )
+        assert len(reader._open) == 300
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 256 + 600
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

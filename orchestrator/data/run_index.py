@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 import zlib
@@ -281,12 +282,18 @@ class RunIndex:
 
 
 class _SourceReader:
-    """One source's documents across its shards, each shard opened on first use."""
+    """One source's documents across its shards, each shard opened on first use.
+
+    An open shard holds two file descriptors (its two maps), and a long run
+    opens them all: CommonCrawl's 2,000 shards alone need 4,000, past the
+    common soft limit of 1,024, so the soft limit is raised toward the hard one.
+    """
 
     def __init__(self, shards: Sequence[str], starts: np.ndarray) -> None:
         self.shards = list(shards)
         self.starts = starts
         self._open: dict[int, IndexedDataset] = {}
+        _allow_open_files(2 * len(self.shards))
 
     def document(self, number: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, number, side="right")) - 1
@@ -294,6 +301,18 @@ class _SourceReader:
         if dataset is None:
             dataset = self._open[shard] = IndexedDataset(self.shards[shard])
         return dataset[number - int(self.starts[shard])]
+
+
+def _allow_open_files(more: int) -> None:
+    """Raise the soft limit on open files by ``more`` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = soft + more if hard == resource.RLIM_INFINITY else min(hard, soft + more)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if hard != resource.RLIM_INFINITY and soft + more > hard:
+        log.warning(
+            "data: %d more open files may be needed, the hard limit is %d (ulimit -Hn)", more, hard
+        )
 
 
 class BlendedSamples:
