@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_paths(config)
         start = time.perf_counter()
         folder = prepare_index(config, seq_len=plan.seq_len, global_batch=plan.global_batch_size)
-    except (ValueError, RuntimeError, HydraException, OmegaConfBaseException) as exc:
+    except (ValueError, RuntimeError, OSError, HydraException, OmegaConfBaseException) as exc:
         print(f"error: {describe_error(exc, conf_dir=_CONF_DIR)}", file=sys.stderr)
         return 2
     print(f"data index: {folder} ({time.perf_counter() - start:.1f}s)")
