@@ -96,10 +96,6 @@ def write_corpus(root: Path, num_docs: float, *, layout: str, seed: int = 0) -> 
     (root / "done").write_text("")
 
 
-def _spec(root: Path, samples: int) -> dict:
-    return {"root": str(root), "samples": samples}
-
-
 def build_ours(root: Path, samples: int, cache: Path) -> dict:
     from orchestrator.data.run_index import IndexSpec, SourceSpec, ensure_index
     from orchestrator.data.shards import expand_source
@@ -175,7 +171,6 @@ def data_rank(folder: Path, root: Path, samples: int, rank: int, port: int) -> d
     """One of two gloo ranks: rank 0 finds the index (key from every shard) and broadcasts."""
     import torch.distributed as dist
 
-    from orchestrator.data.run_index import RunIndex
     from orchestrator.data.sources import BlendedSource
 
     baseline = _rss_anon_kb()
@@ -243,7 +238,6 @@ def data_rank(folder: Path, root: Path, samples: int, rank: int, port: int) -> d
         "loop_ms_first_step": 1000 * waited[0],
         "rss_anon_mb": _rss_anon_kb() / 1024,
         "rss_anon_mb_before_torch_dist": baseline / 1024,
-        "index_files_open": len(RunIndex(Path(str(found[0]))).manifest["files"]),
     }
     dist.destroy_process_group()
     return result

@@ -176,7 +176,10 @@ def test_blend_hits_the_llama_weights_at_every_prefix(tmp_path: Path) -> None:
         assert dataset[i] == d, i
         counts[d] += 1
     # Megatron's rule aims at w * max(i, 1): a sample behind, and past one sample on these
-    theirs, _ = megatron_helpers.build_blending_indices(weights, n)
+    theirs, theirs_sample = np.empty(n, np.int16), np.empty(n, np.int64)
+    megatron_helpers.helpers().build_blending_indices(
+        theirs, theirs_sample, weights, len(weights), n, False
+    )
     assert _prefix_deviation(theirs, weights) > 1.0
 
 

@@ -60,7 +60,7 @@ def resolve_paths(cfg: Config) -> None:
                 check_shard(shard, vocab_size=vocab, field=field)
             given = Path(source.prefix).expanduser()
             source.prefix = str(given if given.is_absolute() else root / given)
-        cache = Path(data.cache_dir).expanduser() if data.cache_dir else root / "index_cache"
+        cache = cache_dir(cfg).expanduser()
         data.cache_dir = str(cache if cache.is_absolute() else Path.cwd() / cache)
     if data.kind == "alpaca":
         assert data.alpaca_path is not None
@@ -120,11 +120,11 @@ def build_sources(
         )
     from orchestrator.data.sources import BlendedSource
 
-    folder = _run_index_folder(cfg, seq_len=seq_len, global_batch=global_batch)
-    if folder is None:
+    found = _run_index_folder(cfg, seq_len=seq_len, global_batch=global_batch)
+    if found is None:
         raise RuntimeError("rank 0 could not build the data index (see its log)")
+    folder, has_valid = found
     train = BlendedSource(folder, "train", **place)
-    has_valid = RunIndex(folder).num_samples("valid") > 0
     return train, (BlendedSource(folder, "valid", **place) if has_valid else None)
 
 
@@ -168,17 +168,24 @@ def prepare_index(cfg: Config, *, seq_len: int, global_batch: int) -> Path:
     return ensure_index(spec, cache_dir(cfg))
 
 
-def _run_index_folder(cfg: Config, *, seq_len: int, global_batch: int) -> Path | None:
-    """Rank 0 builds or finds the index; every rank gets its folder (None: rank 0 failed)."""
+def _run_index_folder(cfg: Config, *, seq_len: int, global_batch: int) -> tuple[Path, bool] | None:
+    """Rank 0 builds or finds the index; every rank gets (its folder, whether it has a
+    validation split), so no other rank reads the manifest before it needs a batch
+    (None: rank 0 failed)."""
+
+    def prepare() -> tuple[Path, bool]:
+        folder = prepare_index(cfg, seq_len=seq_len, global_batch=global_batch)
+        return folder, RunIndex(folder).num_samples("valid") > 0
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return prepare_index(cfg, seq_len=seq_len, global_batch=global_batch)
-    found: list[str | None] = [None]
+        return prepare()
+    found: list[tuple[Path, bool] | None] = [None]
     if dist.get_rank() == 0:
         try:
-            found[0] = str(prepare_index(cfg, seq_len=seq_len, global_batch=global_batch))
+            found[0] = prepare()
         finally:
             dist.broadcast_object_list(found, src=0)  # the others are not left waiting
     else:
         log.info("data: waiting for rank 0 to build or find the run's index in %s", cache_dir(cfg))
         dist.broadcast_object_list(found, src=0)
-    return None if found[0] is None else Path(found[0])
+    return found[0]

@@ -2,7 +2,8 @@
 
 ``megatron.core.datasets.helpers_cpp`` (shipped compiled in the
 ``megatron-core`` wheel) holds the C++ builders of the sample index and the
-blending index. Importing it the usual way runs ``megatron/core/__init__.py``,
+blending index (the blending one is not used here: see
+``orchestrator.data.blend``). Importing it the usual way runs ``megatron/core/__init__.py``,
 which imports Megatron's models, optimisers and their warnings (seconds of
 start-up on every rank); this loads the extension module file directly.
 """
@@ -58,15 +59,3 @@ def build_sample_idx(
     tokens = num_samples * seq_len + 1
     result: np.ndarray = build(sizes, doc_idx, seq_len, 1, tokens, True, 1)
     return result
-
-
-def build_blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Megatron's blend (for comparison; ``orchestrator.data.blend`` is the one used).
-
-    Sample ``i`` goes to the dataset furthest behind ``w_d * max(i, 1)``.
-    """
-    dataset = np.empty(size, dtype=np.int16)
-    sample = np.empty(size, dtype=np.int64)
-    w = np.ascontiguousarray(weights, dtype=np.float64)
-    helpers().build_blending_indices(dataset, sample, w, len(w), size, False)
-    return dataset, sample

@@ -95,6 +95,11 @@ def cache_key(spec: IndexSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def split_seed(seed: int, split: str) -> int:
+    """The seed of a split's document orders and sample order (validation: ``seed + 1``)."""
+    return seed + (split == "valid")
+
+
 def _seed(spec_seed: int, name: str, kind: int, n: int) -> np.random.Generator:
     return np.random.default_rng([spec_seed, zlib.crc32(name.encode()), kind, n])
 
@@ -171,14 +176,13 @@ def _build(spec: IndexSpec, folder: Path) -> None:
         for slot, i in enumerate(members):
             source = spec.sources[i]
             tag = f"{split}_{slot}"
-            seed = spec.seed + (split == "valid")
             doc, sample_idx = _source_index(
                 source.name,
                 sizes_per_source[i],
                 docs[i][split == "valid"],
                 seq_len=spec.seq_len,
                 num_samples=int(counts[slot]),
-                seed=seed,
+                seed=split_seed(spec.seed, split),
             )
             save(f"{tag}_doc", doc)
             save(f"{tag}_sample", sample_idx)
@@ -196,14 +200,14 @@ def _build(spec: IndexSpec, folder: Path) -> None:
 
 def _source_sizes(source: SourceSpec) -> tuple[np.ndarray, np.ndarray]:
     """(first document number of each shard, then the total; every document's length)."""
-    lengths = []
-    for prefix in source.shards:
-        lengths.append(np.array(IndexedDataset(prefix).lengths, dtype=np.int32))
+    lengths = [IndexedDataset(prefix).lengths for prefix in source.shards]  # views of the maps
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in lengths], out=starts[1:])
     if starts[-1] > np.iinfo(np.int32).max:
         raise ValueError(f"source {source.name}: {starts[-1]:,} documents, more than 2^31 - 1")
-    sizes = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
+    sizes = (
+        np.concatenate(lengths).astype(np.int32, copy=False) if lengths else np.zeros(0, np.int32)
+    )
     return starts, sizes
 
 
@@ -322,10 +326,9 @@ class BlendedSamples:
         info = index.manifest["splits"][split]
         self.num_samples = int(info["num_samples"])
         self.seq_len = int(index.spec["seq_len"])
-        self.names = [index.spec["sources"][i]["name"] for i in info["sources"]]
         self.dataset = index.load(f"{split}_blend_dataset") if self.num_samples else None
         self.sample = index.load(f"{split}_blend_sample") if self.num_samples else None
-        seed = int(index.spec["seed"]) + (split == "valid")
+        seed = split_seed(int(index.spec["seed"]), split)
         self.docs, self.samples, self.orders, self.readers = [], [], [], []
         for slot, i in enumerate(info["sources"]):
             tag = f"{split}_{slot}"
@@ -335,10 +338,6 @@ class BlendedSamples:
             self.orders.append(SampleOrder(len(self.samples[-1]) - 1, seed=seed, name=name))
             shards = index.spec["sources"][i]["shards"]
             self.readers.append(_SourceReader(shards, index.load(f"shard_starts_{i}")))
-
-    def source_of(self, k: int) -> int:
-        assert self.dataset is not None
-        return int(self.dataset[k])
 
     def __getitem__(self, k: int) -> np.ndarray:
         assert self.dataset is not None and self.sample is not None
