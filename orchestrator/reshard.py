@@ -1,207 +1,223 @@
 """Re-sharding: a checkpoint saved under one layout resumes under another.
 
-DeepSpeed's files are per rank: ``zero_pp_rank_{dp}_mp_rank_{mp}_optim_states.pt``
-holds one dp partition of the flattened fp32 master weights and Adam moments of
-one model-parallel rank (a pipeline stage x a tp shard), and cannot be loaded at
-another tp, pp or dp. We go through a layout-free form written next to them::
+DeepSpeed's files are per rank and its loader takes them only under the
+layout that wrote them. Here every rank of the new layout fills its own part
+of the engine straight from the old files (``orchestrator.reshard_source``):
+for each parameter it holds, it asks for the rows of the full tensor that
+cover its fragment (its tp shard, cut to its dp slice under ZeRO), for the
+fp32 master weight and both Adam moments, and copies them in. Nothing is
+converted ahead of time, no rank works for the others, and a rank reads about
+its own share of the state (whole rows: a row-parallel weight moving to a
+larger tp reads full rows of the old, wider shard).
 
-    step_N/layout.json                  the layout that wrote the checkpoint
-    step_N/universal/meta.json          its training state and Adam step count
-    step_N/universal/<name>.safetensors fp32 weight, exp_avg, exp_avg_sq of one
-                                        parameter: full, unpadded, Meta's name
+Supported: from ZeRO 1, 2 (fp32, bf16, fp16 and bf16's ``BF16_Optimizer``)
+and 3, to ZeRO 0, 1, 2 or 3 of any tp, pp, dp and micro-batch size.
 
-``write_universal`` builds it offline from the per-rank files (ZeRO 1 and 2);
-``load_universal`` fills a freshly built engine of any layout from it, each
-rank reading only the parameters it holds and cutting out its tp shard.
-Training state moves with it: the step, the learning-rate schedule, and the
-data position as a count of samples (so the next step reads the same global
-batch under any layout).
+Training state moves with it: the step, the learning-rate schedule, the
+Adam step count and the data position as a count of samples (so the next step
+reads the same global batch under any layout).
 
     python -m orchestrator.reshard RUN_DIR [--tag step_00000400]
 
-converts ahead of time (a resume does it on rank 0 when it finds a checkpoint
-of another layout and no ``universal/`` yet).
+checks ahead of time that a checkpoint can be re-sharded and prints its
+layout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
+import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model_parallel.args import ModelArgs
-from model_parallel.layers import shard_of
+from model_parallel.layers import is_sharded
 from model_parallel.mappings import group_rank, group_size
-from orchestrator.checkpoint import LAYOUT_FILE, TrainingState, read_layout
-from orchestrator.weights import global_name, merge_tp
-
-UNIVERSAL = "universal"
-_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+from orchestrator.checkpoint import TrainingState
+from orchestrator.reshard_source import KEYS, SourceCheckpoint, UnsupportedCheckpoint
+from orchestrator.weights import global_name
 
 
-def _load(path: Path) -> Any:
-    """A DeepSpeed file, unpickled with weights_only=True plus DeepSpeed's plain records."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+class _Local:
+    """This rank's tp shard of one parameter, read by flat ranges from the source."""
 
-    allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    def __init__(
+        self,
+        source: SourceCheckpoint,
+        name: str,
+        shape: tuple[int, ...],
+        dim: int | None,
+        tp_rank: int,
+    ) -> None:
+        self.source, self.name, self.dim, self.tp_rank = source, name, dim, tp_rank
+        self.shape = shape
+        self.rows, self.cols = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
+        self.numel = math.prod(shape)
 
-
-def _merge_dp(parts: list[dict[str, Any]], shapes: list[dict[str, Any]]) -> dict[str, Any]:
-    """One model-parallel rank's parameters from its dp partitions: name -> key -> tensor."""
-    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
-    for group in range(len(shapes)):
-        for part in parts:  # in dp rank order: a parameter's fragments follow each other
-            flat = {
-                "fp32": part["single_partition_of_fp32_groups"][group],
-                **part["base_optimizer_state"]["state"][group],
-            }
-            for name, addr in part["param_slice_mappings"][group].items():
-                slot = pieces.setdefault(name, {key: [] for key in _KEYS})
-                for key in _KEYS:
-                    slot[key].append(flat[key].narrow(0, addr.start, addr.numel))
-    out: dict[str, Any] = {}
-    for names in shapes:
-        for name, shape in names.items():
-            out[name] = {key: torch.cat(pieces[name][key]).view(shape).clone() for key in _KEYS}
-    return out
-
-
-def _adam_step(part: dict[str, Any]) -> int:
-    return int(part["base_optimizer_state"]["state"][0]["step"])
-
-
-def write_universal(path: Path, args: ModelArgs) -> Path:
-    """Write ``path/universal`` from checkpoint ``path``'s per-rank files (rank 0, offline).
-
-    Atomic: built under ``universal.partial`` and renamed, so an interrupted
-    conversion is redone, never half-read.
-    """
-    out = path / UNIVERSAL
-    if (out / "meta.json").is_file():
+    def flat(self, key: str, start: int, numel: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the flattened shard (zeros past its end)."""
+        out = torch.zeros(numel, dtype=torch.float32)
+        end = min(start + numel, self.numel)
+        if start >= end:
+            return out
+        r0, r1 = start // self.cols, -(-end // self.cols)
+        block = self._rows(key, r0, r1).flatten()
+        out[: end - start] = block[start - r0 * self.cols : end - r0 * self.cols]
         return out
-    layout = read_layout(path)
-    if layout is None:
-        raise ValueError(f"{path}: no {LAYOUT_FILE}; its layout is unknown, cannot re-shard it")
-    if layout.zero_stage not in (1, 2):
-        raise ValueError(
-            f"{path}: saved with parallel.zero_stage={layout.zero_stage}; re-sharding the "
-            "optimiser state supports ZeRO 1 and 2 (resume it under its own layout, "
-            f"{layout.describe()})"
-        )
-    tmp = path / f"{UNIVERSAL}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    from safetensors.torch import save_file
 
-    adam_step = 0
-    for stage in range(layout.pp):
-        per_tp = []
-        for tp_rank in range(layout.tp):
-            mp = stage * layout.tp + tp_rank  # DeepSpeed's model-parallel rank
-            shapes = _load(path / f"mp_rank_{mp:02d}_model_states.pt")["param_shapes"]
-            parts = [
-                _load(path / f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt")[
-                    "optimizer_state_dict"
-                ]
-                for dp in range(layout.dp)
-            ]
-            adam_step = _adam_step(parts[0])
-            local = _merge_dp(parts, shapes)
-            per_tp.append({global_name(n, args.n_layers, layout.pp): t for n, t in local.items()})
-        for name in per_tp[0]:
-            tensors = {
-                key: merge_tp([{name: shard[name][key]} for shard in per_tp], args)[name]
-                for key in _KEYS
-            }
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-    first = _load(path / "mp_rank_00_model_states.pt")
-    micro_batches = int(first["data"]["position"])
-    meta = {
-        "source_layout": asdict(layout),
-        "adam_step": adam_step,
-        "step": int(first["step"]),
-        "consumed_tokens": int(first["consumed_tokens"]),
-        "consumed_samples": micro_batches * layout.micro_batch_size * layout.dp,
-        "skipped_steps": int(first["skipped_steps"]),
-        "lr_scheduler": first["lr_scheduler"],
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out)
+    def _rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the shard, from the full tensor (zeros in vocab padding)."""
+        full = self.source.params[self.name].full_shape
+        if self.dim == 1:
+            c0 = self.tp_rank * self.cols
+            return self.source.read(self.name, key, (r0, r1), (c0, c0 + self.cols))
+        base = self.tp_rank * self.rows if self.dim == 0 else 0
+        lo, hi = base + r0, min(base + r1, full[0])
+        out = torch.zeros(r1 - r0, self.cols, dtype=torch.float32)
+        if lo < hi:
+            out[: hi - lo] = self.source.read(self.name, key, (lo, hi))
+        return out
+
+
+def _locals(
+    engine: Any, source: SourceCheckpoint, *, n_layers: int, pp: int, tp_rank: int
+) -> dict[Any, _Local]:
+    out = {}
+    for name, param in engine.module.named_parameters():
+        full = global_name(name, n_layers, pp)
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps only a partition
+        dim = param.partition_dim if is_sharded(param) else None  # type: ignore[attr-defined]
+        if full not in source.params:
+            raise UnsupportedCheckpoint(
+                f"{source.path}: no parameter {full} (is it the same model?)"
+            )
+        out[param] = _Local(source, full, shape, dim, tp_rank)
     return out
 
 
-def load_universal(
-    engine: Any, path: Path, *, n_layers: int, pp: int, tp_group: Any, dp: int, micro_batch: int
-) -> TrainingState:
-    """Fill ``engine`` (ZeRO 1 or 2, any layout) from ``path/universal``; this rank's part only.
+def _adam_state(
+    optimizer: torch.optim.Optimizer, flat: torch.Tensor, step: int
+) -> dict[str, torch.Tensor]:
+    """The Adam state of ``flat`` (created if the optimiser has none yet), step set."""
+    state = optimizer.state[flat]
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key not in state:
+            state[key] = torch.zeros_like(flat)
+    old = state.get("step")
+    state["step"] = (
+        torch.full_like(old, step) if isinstance(old, torch.Tensor) else torch.tensor(float(step))
+    )
+    return state
 
-    Sets the module's weights, the fp32 master partition and Adam's moments
-    and step count, the learning-rate schedule and DeepSpeed's step counters.
-    """
-    from safetensors import safe_open
 
-    zero = engine.optimizer
-    if not hasattr(zero, "single_partition_of_fp32_groups"):
-        raise ValueError(
-            "re-sharding loads into ZeRO 1 or 2 only: set parallel.zero_stage=1 or 2 "
-            "to resume this checkpoint under a new layout"
-        )
-    root = path / UNIVERSAL
-    meta = json.loads((root / "meta.json").read_text())
-    tp_rank, tp_size = group_rank(tp_group), group_size(tp_group)
-    local: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
-    for name, param in engine.module.named_parameters():
-        with safe_open(str(root / f"{global_name(name, n_layers, pp)}.safetensors"), "pt") as f:
-            local[param] = {
-                key: shard_of(f.get_tensor(key), param, tp_rank=tp_rank, tp_size=tp_size)
-                for key in _KEYS
-            }
+def _fill_zero12(zero: Any, local: dict[Any, _Local], adam_step: int) -> None:
+    """ZeRO 1/2 and BF16_Optimizer: each dp rank's slice of each group's flat buffer."""
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        flats, groups = zero.single_partition_of_fp32_groups, zero.bit16_groups
+    else:
+        flats, groups = zero.fp32_groups_flat_partition, zero.bf16_groups
+    for flat, params in zip(flats, groups, strict=True):
+        state = _adam_state(zero.optimizer, flat, adam_step)
+        targets = {
+            "fp32": flat.data,
+            "exp_avg": state["exp_avg"],
+            "exp_avg_sq": state["exp_avg_sq"],
+        }
+        for param in params:
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is None:  # no fragment of it in this dp rank's slice
+                continue
+            hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
+            for key, target in targets.items():
+                target.narrow(0, hp.start, hp.numel).copy_(
+                    local[param].flat(key, lp.start, lp.numel)
+                )
+    zero.update_lp_params()  # bit16 weights from the fp32 slices, all-gathered over dp
+
+
+def _fill_zero3(zero: Any, local: dict[Any, _Local], adam_step: int) -> None:
+    """ZeRO-3: each parameter's own dp partition."""
+    for sub, flat in enumerate(zero.fp32_partitioned_groups_flat):
+        state = _adam_state(zero.optimizer, flat, adam_step)
+        targets = {
+            "fp32": flat.data,
+            "exp_avg": state["exp_avg"],
+            "exp_avg_sq": state["exp_avg_sq"],
+        }
+        for param in zero.fp16_groups[sub]:
+            _, offset, numel = zero.grad_position[zero.get_param_id(param)]
+            start = zero._get_param_partition_rank(param) * param.ds_tensor.ds_numel
+            for key, target in targets.items():
+                target.narrow(0, offset, numel).copy_(local[param].flat(key, start, numel))
+        lp = zero.fp16_partitioned_groups_flat[sub]
+        if lp is not None and lp.data_ptr() != flat.data_ptr():
+            lp.data.copy_(flat.data)  # the module's own partitions
+
+
+def _fill_plain(optimizer: torch.optim.Optimizer, local: dict[Any, _Local], adam_step: int) -> None:
+    """ZeRO-0 in fp32: the parameters are the master weights; Adam state per parameter."""
     with torch.no_grad():
-        for param, tensors in local.items():
-            param.copy_(tensors["fp32"].to(param.dtype))
-        for group, params in enumerate(zero.bit16_groups):
-            flat = zero.single_partition_of_fp32_groups[group]
-            moments = {key: torch.zeros_like(flat) for key in ("exp_avg", "exp_avg_sq")}
-            targets = {"fp32": flat.data, **moments}
-            for param in params:
-                mapping = getattr(param, "_hp_mapping", None)
-                if mapping is None:  # no fragment of it in this dp rank's partition
-                    continue
-                hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
-                for key, target in targets.items():
-                    source = local[param][key].flatten().narrow(0, lp.start, lp.numel)
-                    target.narrow(0, hp.start, hp.numel).copy_(source)
-            step = torch.tensor(float(meta["adam_step"]), dtype=torch.float32)
-            zero.optimizer.state[flat] = {"step": step, **moments}
-    scheduler = engine.lr_scheduler
-    scheduler.load_state_dict(meta["lr_scheduler"])
-    for group, lr in zip(zero.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
-    samples = int(meta["consumed_samples"])
+        for param, shard in local.items():
+            param.copy_(shard.flat("fp32", 0, shard.numel).view(param.shape))
+            state = _adam_state(optimizer, param, adam_step)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key].copy_(shard.flat(key, 0, shard.numel).view(param.shape))
+
+
+def load_resharded(
+    engine: Any, path: Path, *, args: Any, pp: int, tp_group: Any, dp: int, micro_batch: int
+) -> tuple[TrainingState, SourceCheckpoint]:
+    """Fill ``engine`` (any layout) from checkpoint ``path`` of another layout; this rank's part.
+
+    Sets the module's weights, the fp32 master weights and Adam's moments and
+    step count, the learning-rate schedule and DeepSpeed's step counters.
+    """
+    source = SourceCheckpoint(path, args)
+    samples = source.consumed_samples
     if samples % (micro_batch * dp):
-        raise ValueError(
+        raise UnsupportedCheckpoint(
             f"{path}: {samples} consumed samples are not a whole number of "
             f"micro_batch_size({micro_batch}) * dp({dp}) micro-batches"
         )
-    engine.global_steps = int(meta["step"])
+    tp_rank = group_rank(tp_group)
+    assert group_size(tp_group) >= 1
+    local = _locals(engine, source, n_layers=args.n_layers, pp=pp, tp_rank=tp_rank)
+    zero, adam_step = engine.optimizer, source.meta["adam_step"]
+    with torch.no_grad():
+        if hasattr(zero, "fp32_partitioned_groups_flat"):
+            _fill_zero3(zero, local, adam_step)
+        elif hasattr(zero, "single_partition_of_fp32_groups") or hasattr(
+            zero, "fp32_groups_flat_partition"
+        ):
+            _fill_zero12(zero, local, adam_step)
+        else:
+            _fill_plain(getattr(zero, "optimizer", zero), local, adam_step)
+    source.close()
+    optimizer = getattr(zero, "optimizer", zero)
+    for group in optimizer.param_groups:
+        if "step" in group:  # apex FusedAdam counts steps per group
+            group["step"] = adam_step
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(source.meta["lr_scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    engine.global_steps = source.meta["step"]
     engine.global_samples = samples
-    engine.skipped_steps = int(meta["skipped_steps"])
-    return TrainingState(
-        step=int(meta["step"]),
-        consumed_tokens=int(meta["consumed_tokens"]),
+    engine.skipped_steps = source.meta["skipped_steps"]
+    state = TrainingState(
+        step=source.meta["step"],
+        consumed_tokens=source.meta["consumed_tokens"],
         data={"position": samples // (micro_batch * dp)},
     )
+    return state, source
+
+
+def read_full_state(path: Path, args: Any) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 weight and moments, ``name/key`` (tests, inspection)."""
+    source = SourceCheckpoint(path, args)
+    return {f"{n}/{k}": source.read_full(n, k) for n in source.params for k in KEYS}
 
 
 def main(argv: list[str]) -> int:
@@ -217,11 +233,15 @@ def main(argv: list[str]) -> int:
         tag = ns.tag or latest_tag(ns.run_dir)
         if tag is None:
             raise ValueError(f"{ns.run_dir}: no complete checkpoint (checkpoints/latest)")
-        out = write_universal(checkpoint_dir(ns.run_dir) / tag, cfg.model.to_args())
+        source = SourceCheckpoint(checkpoint_dir(ns.run_dir) / tag, cfg.model.to_args())
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    numel = sum(math.prod(p.full_shape) for p in source.params.values())
+    print(
+        f"{tag}: {source.layout.describe()}, {len(source.params)} parameters "
+        f"({numel:,} elements), step {source.meta['step']}: loads under any layout"
+    )
     return 0
 
 

@@ -242,24 +242,22 @@ def _restore(
         state = checkpoint.load(engine, run_dir, tag)
         log.info("resumed from %s at step %d", tag, state.step)
     else:
-        if dist.get_rank() == 0:
-            reshard.write_universal(path, cfg.model.to_args())
-        dist.barrier()
-        state = reshard.load_universal(
+        state, source = reshard.load_resharded(
             engine,
             path,
-            n_layers=cfg.model.n_layers,
+            args=cfg.model.to_args(),
             pp=plan.pp,
             tp_group=groups.tp_group,
             dp=plan.dp,
             micro_batch=plan.micro_batch_size,
         )
         log.info(
-            "resumed from %s at step %d, re-sharded from %s to %s",
+            "resumed from %s at step %d, re-sharded from %s to %s (this rank read %.1f MiB)",
             tag,
             state.step,
             saved.describe(),
             current.describe(),
+            source.bytes_read / 2**20,
         )
     data.load_state_dict(state.data)
     return state.step

@@ -1,0 +1,306 @@
+"""A DeepSpeed checkpoint of any layout, read by slices of full tensors.
+
+DeepSpeed's optimiser files are per rank. Under ZeRO 1 and 2 (and bf16's
+``BF16_Optimizer``, which writes ``bf16_zero_pp_rank_*`` files) the fp32
+master weights and Adam moments of one model-parallel rank (a pipeline stage
+x a tp shard) are flattened, parameter after parameter, into one buffer per
+parameter group, and dp rank ``j`` holds the ``j``-th equal slice of it::
+
+    group buffer  [ p0 | p1 | p2 ......... | p3 | pad ]
+    dp slices     [  rank 0  |  rank 1  |  rank 2  |  ]
+
+Under ZeRO-3 every parameter is split on its own: dp rank ``j`` holds
+elements ``[j*P, (j+1)*P)`` of each flattened parameter (``P = ceil(n/dp)``),
+and its buffer is those pieces one after the other.
+
+:class:`SourceCheckpoint` maps every parameter (Meta's name, unpadded full
+shape) to the pieces of files that hold it, from the small parts of a few
+files (the parameter shapes in a model-states file, one buffer length per
+group), and reads a rectangle of a full tensor by memory-mapping the files
+(``torch.load(mmap=True)``) and copying only the pieces that overlap it. No
+file is loaded whole; a reader holds at most the rectangle it was asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_parallel.args import ModelArgs
+from orchestrator.checkpoint import LayoutRecord, read_layout
+from orchestrator.safe_load import safe_load
+from orchestrator.weights import global_name
+
+KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+# Which axis of the full tensor tp splits (None: every tp rank holds all of it).
+_TP_DIM = {
+    "tok_embeddings.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "output.weight": 0,
+}
+_VOCAB_PADDED = ("tok_embeddings.weight", "output.weight")
+
+
+def tp_dim(name: str) -> int | None:
+    """The axis tp splits parameter ``name`` (Meta's name) along, or None."""
+    rest = name.split(".", 2)[2] if name.startswith("layers.") else name
+    return _TP_DIM.get(rest)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of one tp shard's flattened tensor stored in one file's flat buffer."""
+
+    file: str
+    group: int
+    offset: int  # where the run starts in the file's buffer of that group
+    start: int  # where it starts in the flattened tp shard
+    numel: int
+
+
+@dataclass
+class Param:
+    """Where one parameter's tp shards are."""
+
+    name: str
+    full_shape: tuple[int, ...]  # unpadded
+    dim: int | None  # tp split axis
+    local_shape: tuple[int, ...]  # a tp shard's shape in the source layout (padded)
+    shards: list[list[Piece]] = field(default_factory=list)  # per source tp rank
+
+
+class UnsupportedCheckpoint(ValueError):
+    """The checkpoint cannot be re-sharded (its layout is unknown, or ZeRO-0)."""
+
+
+_ZERO_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+class SourceCheckpoint:
+    """Reads full-tensor slices of the optimiser state of checkpoint ``path``."""
+
+    def __init__(self, path: Path, args: ModelArgs) -> None:
+        layout = read_layout(path)
+        if layout is None:
+            raise UnsupportedCheckpoint(f"{path}: no layout.json; its layout is unknown")
+        if layout.zero_stage not in (1, 2, 3):
+            raise UnsupportedCheckpoint(
+                f"{path}: saved with parallel.zero_stage={layout.zero_stage}; re-sharding reads "
+                f"the optimiser state of ZeRO 1, 2 and 3 (resume it under {layout.describe()})"
+            )
+        self.path = path
+        self.layout: LayoutRecord = layout
+        self.args = args
+        self.bytes_read = 0  # of tensor data copied out of the files
+        self._open: dict[str, Any] = {}
+        self._prefix = (
+            "bf16_" if (path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() else ""
+        )
+        self.params: dict[str, Param] = {}
+        if layout.zero_stage == 3:
+            for tp_rank in range(layout.tp):  # ZeRO-3 runs with pp = 1
+                self._index_zero3(tp_rank)
+        else:
+            for stage in range(layout.pp):
+                for tp_rank in range(layout.tp):
+                    self._index_zero12(stage * layout.tp + tp_rank, tp_rank)
+        self.meta = self._meta()
+
+    # -- the index ---------------------------------------------------------
+
+    def optim_file(self, dp_rank: int, mp_rank: int) -> str:
+        return f"{self._prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+    def _states_file(self, mp_rank: int = 0) -> str:
+        if self.layout.zero_stage == 3:
+            return f"zero_pp_rank_0_mp_rank_{mp_rank:02d}_model_states.pt"
+        return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+    def _file(self, name: str) -> Any:
+        if name not in self._open:
+            self._open[name] = safe_load(self.path / name, mmap=True)
+        return self._open[name]
+
+    def _optim(self, name: str) -> dict[str, Any]:
+        return dict(self._file(name)["optimizer_state_dict"])
+
+    def _add(
+        self, name: str, local_shape: tuple[int, ...], tp_rank: int, pieces: list[Piece]
+    ) -> None:
+        param = self.params.get(name)
+        if param is None:
+            dim = tp_dim(name)
+            full = list(local_shape)
+            if dim is not None:
+                full[dim] *= self.layout.tp
+                if name in _VOCAB_PADDED:
+                    full[dim] = self.args.vocab_size
+            param = Param(name, tuple(full), dim, tuple(local_shape))
+            param.shards = [[] for _ in range(self.layout.tp)]
+            self.params[name] = param
+        param.shards[tp_rank] = pieces
+
+    def _index_zero12(self, mp: int, tp_rank: int) -> None:
+        """One model-parallel rank: a parameter's run in the group buffer, cut at dp slices."""
+        shapes = self._file(f"mp_rank_{mp:02d}_model_states.pt")["param_shapes"]
+        first = self._optim(self.optim_file(0, mp))
+        slice_len = [int(t.numel()) for t in first["single_partition_of_fp32_groups"]]
+        for group, names in enumerate(shapes):
+            offset = 0
+            for local_name, shape in names.items():
+                numel = math.prod(shape)
+                pieces = []
+                at = offset
+                while at < offset + numel:
+                    dp_rank, inside = divmod(at, slice_len[group])
+                    run = min(offset + numel - at, slice_len[group] - inside)
+                    pieces.append(
+                        Piece(self.optim_file(dp_rank, mp), group, inside, at - offset, run)
+                    )
+                    at += run
+                name = global_name(local_name, self.args.n_layers, self.layout.pp)
+                self._add(name, tuple(shape), tp_rank, pieces)
+                offset += numel
+        self._check_against_mappings(mp, first, shapes)
+
+    def _check_against_mappings(self, mp: int, first: dict[str, Any], shapes: list[Any]) -> None:
+        """DeepSpeed records dp rank 0's fragments: they must be where we computed them."""
+        for group, mapping in enumerate(first["param_slice_mappings"]):
+            for local_name, addr in mapping.items():
+                name = global_name(local_name, self.args.n_layers, self.layout.pp)
+                tp_rank = mp % self.layout.tp
+                piece = self.params[name].shards[tp_rank][0]
+                if (piece.file, piece.group, piece.offset, piece.numel) != (
+                    self.optim_file(0, mp),
+                    group,
+                    addr.start,
+                    addr.numel,
+                ):
+                    raise UnsupportedCheckpoint(
+                        f"{self.path}: {name} is at {addr} in {self.optim_file(0, mp)}, not at "
+                        f"{piece}: this DeepSpeed flattens parameters differently"
+                    )
+        del shapes
+
+    def _index_zero3(self, tp_rank: int) -> None:
+        """ZeRO-3: each flattened parameter in dp slices of ``ceil(n / dp)``."""
+        dp = self.layout.dp
+        shapes = self._file(self._states_file(tp_rank))["param_shapes"]
+        for group, names in enumerate(shapes):
+            offset = 0
+            for name, shape in names.items():
+                numel = math.prod(shape)
+                part = math.ceil(numel / dp)
+                pieces = []
+                for dp_rank in range(dp):
+                    start = dp_rank * part
+                    run = max(0, min(part, numel - start))
+                    if run:
+                        pieces.append(
+                            Piece(self.optim_file(dp_rank, tp_rank), group, offset, start, run)
+                        )
+                offset += part
+                self._add(name, tuple(shape), tp_rank, pieces)
+
+    def _meta(self) -> dict[str, Any]:
+        states = self._file(self._states_file())
+        optim = self._optim(self.optim_file(0, 0))
+        base = optim.get("base_optimizer_state", optim.get("optimizer_state_dict"))
+        return {
+            "adam_step": int(base["state"][0]["step"]),
+            "step": int(states["step"]),
+            "consumed_tokens": int(states["consumed_tokens"]),
+            "position": int(states["data"]["position"]),
+            "skipped_steps": int(states["skipped_steps"]),
+            "lr_scheduler": states["lr_scheduler"],
+        }
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.meta["position"] * self.layout.micro_batch_size * self.layout.dp
+
+    # -- reading -----------------------------------------------------------
+
+    def _buffer(self, file: str, key: str, group: int) -> torch.Tensor:
+        optim = self._optim(file)
+        if self.layout.zero_stage == 3:
+            if key == "fp32":
+                return optim["fp32_flat_groups"][group]
+            return optim["optimizer_state_dict"]["state"][group][key]
+        if key == "fp32":
+            return optim["single_partition_of_fp32_groups"][group]
+        return optim["base_optimizer_state"]["state"][group][key]
+
+    def _shard_flat(
+        self, param: Param, tp_rank: int, key: str, start: int, end: int
+    ) -> torch.Tensor:
+        """Elements ``[start, end)`` of source tp shard ``tp_rank``, flattened."""
+        out = torch.empty(end - start, dtype=torch.float32)
+        for piece in param.shards[tp_rank]:
+            lo, hi = max(start, piece.start), min(end, piece.start + piece.numel)
+            if lo >= hi:
+                continue
+            buffer = self._buffer(piece.file, key, piece.group)
+            out[lo - start : hi - start] = buffer.detach()[
+                piece.offset + lo - piece.start : piece.offset + hi - piece.start
+            ]
+            self.bytes_read += (hi - lo) * buffer.element_size()
+        return out
+
+    def read(
+        self, name: str, key: str, rows: tuple[int, int], cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Rows ``rows`` (and columns ``cols`` of a matrix) of the full, unpadded tensor ``name``.
+
+        A 1-D tensor is read as a column (``rows`` index its elements).
+        """
+        if name not in self.params:
+            raise KeyError(f"{self.path}: no parameter {name} in this checkpoint")
+        param = self.params[name]
+        full = param.full_shape if len(param.full_shape) == 2 else (*param.full_shape, 1)
+        local = param.local_shape if len(param.local_shape) == 2 else (*param.local_shape, 1)
+        r0, r1 = rows
+        c0, c1 = cols if cols is not None else (0, full[1])
+        assert 0 <= r0 <= r1 <= full[0] and 0 <= c0 <= c1 <= full[1], (name, rows, cols, full)
+        out = torch.empty(r1 - r0, c1 - c0, dtype=torch.float32)
+        if param.dim == 1:  # column blocks: full rows of each overlapping shard
+            width = local[1]
+            for tp_rank in range(c0 // width, (c1 - 1) // width + 1 if c1 > c0 else 0):
+                lo, hi = max(c0, tp_rank * width), min(c1, (tp_rank + 1) * width)
+                block = self._shard_flat(param, tp_rank, key, r0 * width, r1 * width).view(
+                    -1, width
+                )
+                out[:, lo - c0 : hi - c0] = block[:, lo - tp_rank * width : hi - tp_rank * width]
+            return out
+        height = local[0] if param.dim == 0 else full[0]
+        for tp_rank in range(r0 // height, (r1 - 1) // height + 1 if r1 > r0 else 0):
+            lo, hi = max(r0, tp_rank * height), min(r1, (tp_rank + 1) * height)
+            base = tp_rank * height if param.dim == 0 else 0
+            block = self._shard_flat(
+                param,
+                tp_rank if param.dim == 0 else 0,
+                key,
+                (lo - base) * local[1],
+                (hi - base) * local[1],
+            ).view(-1, local[1])
+            out[lo - r0 : hi - r0] = block[:, c0:c1]
+        return out
+
+    def read_full(self, name: str, key: str) -> torch.Tensor:
+        """The whole unpadded tensor (for tests and inspection; a re-shard never needs it)."""
+        param = self.params[name]
+        return self.read(name, key, (0, param.full_shape[0])).view(param.full_shape)
+
+    def close(self) -> None:
+        self._open.clear()
