@@ -6,11 +6,21 @@ Layout::
                                          ZeRO shards, lr schedule) + our state
     RUN_DIR/checkpoints/latest           the name of the newest complete one
 
-Every rank writes into ``step_N.partial``; after a barrier, rank 0 renames
-it to ``step_N`` and only then replaces ``latest`` (write to a temporary
-file, then ``os.replace``). A run killed while saving therefore leaves
-``latest`` on the previous complete checkpoint, and a ``.partial`` directory
-that the next save removes.
+Every rank writes into ``step_N.partial``, checksumming and fsyncing each
+file as it writes it (``orchestrator.integrity``); rank 0 gathers the records
+into ``manifest.json``, renames the folder to ``step_N`` and only then
+replaces ``latest`` (write to a temporary file, then ``os.replace``). A run
+killed while saving therefore leaves ``latest`` on the previous complete
+checkpoint, and a ``.partial`` directory that the next save removes. A save
+that fails on any rank (disk full, permission, I/O error) removes its partial
+folder, leaves ``latest`` alone and raises :class:`CheckpointSaveError` on
+every rank with one line: the path, the error and the space it needs.
+
+A resume takes the newest checkpoint whose files match their manifest
+(:func:`find_resumable`, every rank checking a share); a damaged one is
+renamed ``step_N.damaged`` with a warning naming the file, and the next
+older one is tried. ``python -m orchestrator.checkpoint verify RUN_DIR``
+checks a run by hand.
 
 Besides DeepSpeed's state a checkpoint holds the step, consumed tokens, the
 data position and the RNG states (``client_state``), and ``layout.json``: the
@@ -20,11 +30,14 @@ layout; ``orchestrator.reshard`` moves it to any other.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,11 +46,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator import integrity
+from orchestrator.safe_load import use_safe_loading
+
 if TYPE_CHECKING:
     from orchestrator.plan import Plan
 
 _NAME = re.compile(r"^step_(\d{8})$")
 LAYOUT_FILE = "layout.json"
+log = logging.getLogger("orchestrator.checkpoint")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; ``latest`` still names the previous one."""
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Every checkpoint of a run is damaged."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -126,35 +151,108 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine: Any, run_dir: Path, state: TrainingState, *, keep: int) -> Path:
-    """Write a checkpoint of every rank (a collective) and point ``latest`` at it."""
+    """Write a checkpoint of every rank (a collective) and point ``latest`` at it.
+
+    Raises :class:`CheckpointSaveError` on every rank if any rank failed to
+    write its part; nothing of that checkpoint is left behind.
+    """
     root = checkpoint_dir(run_dir)
     tag = tag_for(state.step)
-    partial = f"{tag}.partial"
+    partial = root / f"{tag}.partial"
     rank = dist.get_rank()
+    error: str | None = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / partial, ignore_errors=True)
-    dist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+        except OSError as exc:
+            error = f"{root}: {exc}"
+    _raise_if_any(_broadcast(error), tag)
     client_state = {
         "step": state.step,
         "consumed_tokens": state.consumed_tokens,
         "data": state.data,
         "rng": _rng_state(),
     }
-    engine.save_checkpoint(str(root), tag=partial, client_state=client_state, save_latest=False)
-    if rank == 0 and state.layout is not None:
-        write_layout(root / partial, state.layout)
-    dist.barrier()  # every rank has written its part
+    with integrity.Recorder(engine, partial) as record:
+        engine.save_checkpoint(
+            str(root), tag=partial.name, client_state=client_state, save_latest=False
+        )
+    if rank == 0 and state.layout is not None and record.error is None:
+        try:
+            write_layout(partial, state.layout)
+        except OSError as exc:
+            record.error = f"{partial / LAYOUT_FILE}: {exc}"
+    records: list[integrity.SaveRecord] | None = (
+        [integrity.SaveRecord()] * dist.get_world_size() if rank == 0 else None
+    )
+    dist.gather_object(record, records, dst=0)
+    outcome: str | None = None
     if rank == 0:
-        final = root / tag
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(root / partial, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(tag + "\n")
-        os.replace(pointer, root / "latest")
-        _prune(root, keep=keep)
-    dist.barrier()
+        assert records is not None
+        outcome = _commit(root, tag, records, step=state.step, keep=keep)
+    _raise_if_any(_broadcast(outcome), tag)
     return root / tag
+
+
+def _commit(
+    root: Path, tag: str, records: list[integrity.SaveRecord], *, step: int, keep: int
+) -> str | None:
+    """Rank 0: manifest, rename, ``latest``; or remove the partial folder. The error, or None."""
+    partial = root / f"{tag}.partial"
+    errors = [r.error for r in records if r.error is not None]
+    if not errors:
+        files: dict[str, dict[str, Any]] = {}
+        for r in records:
+            files.update(r.files)
+        try:
+            integrity.write_manifest(partial, files, step=step)
+            final = root / tag
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            pointer = root / "latest.tmp"
+            with open(pointer, "w") as f:
+                f.write(tag + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(pointer, root / "latest")
+            _fsync_dir(root)
+        except OSError as exc:
+            errors.append(f"{exc.filename or root}: {exc}")
+            if latest_tag(root.parent) != tag:
+                shutil.rmtree(root / tag, ignore_errors=True)
+        else:
+            _prune(root, keep=keep)
+            return None
+    shutil.rmtree(partial, ignore_errors=True)
+    planned = sum(r.planned_bytes for r in records)
+    free = shutil.disk_usage(root).free
+    previous = latest_tag(root.parent)
+    return (
+        f"{errors[0]}; this checkpoint needs about {planned / 2**30:.2f} GiB, "
+        f"{free / 2**30:.2f} GiB free in {root}; checkpoints/latest still names "
+        f"{previous or 'no checkpoint'}"
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _raise_if_any(error: str | None, tag: str) -> None:
+    if error is not None:
+        raise CheckpointSaveError(f"checkpoint {tag} not saved: {error}")
 
 
 def _prune(root: Path, *, keep: int) -> None:
@@ -166,8 +264,69 @@ def _prune(root: Path, *, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def find_resumable(run_dir: Path) -> str | None:
+    """The newest checkpoint whose files match their manifest (a collective), or None.
+
+    Tries ``latest`` first, then older complete checkpoints. Each damaged one
+    is reported with the files that are wrong and renamed ``step_N.damaged``;
+    raises :class:`NoUsableCheckpoint` when checkpoints exist but none is whole.
+    """
+    root = checkpoint_dir(run_dir)
+    candidates: list[str] = []
+    if dist.get_rank() == 0 and root.is_dir():
+        newest = latest_tag(run_dir)
+        complete = sorted(
+            (p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), reverse=True
+        )
+        candidates = [newest] if newest else []
+        candidates += [t for t in complete if t != newest]
+    candidates = _broadcast(candidates)
+    damaged: list[str] = []
+    for tag in candidates:
+        problems = verify_collective(root / tag)
+        if not problems:
+            if damaged:
+                log.warning("resuming from %s, the newest whole checkpoint", tag)
+            return tag
+        damaged.append(f"{tag} ({problems[0]})")
+        if dist.get_rank() == 0:
+            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+            log.warning(
+                "checkpoint %s is damaged: %s%s; trying an older one", tag, problems[0], more
+            )
+            shutil.rmtree(root / f"{tag}.damaged", ignore_errors=True)
+            os.replace(root / tag, root / f"{tag}.damaged")
+            pointer = root / "latest"
+            if pointer.is_file() and pointer.read_text().strip() == tag:
+                pointer.unlink()
+        dist.barrier()
+    if damaged:
+        raise NoUsableCheckpoint(f"{root}: every checkpoint is damaged: {'; '.join(damaged)}")
+    return None
+
+
+def verify_collective(folder: Path) -> list[str]:
+    """Problems with one checkpoint (a collective: each rank checksums a share of its files)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    manifest, problems = None, []
+    if rank == 0:
+        manifest = integrity.read_manifest(folder)
+        if manifest is None:
+            log.warning("%s: no %s, its files are not verified", folder, integrity.MANIFEST)
+        else:
+            problems = integrity.check_sizes(folder, manifest)
+    manifest, problems = _broadcast((manifest if not problems else None, problems))
+    if manifest is None or problems:
+        return list(problems)
+    mine = integrity.check_checksums(folder, manifest, integrity.shares(manifest, world)[rank])
+    everyone: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(everyone, mine)
+    return [p for part in everyone for p in part]
+
+
 def load(engine: Any, run_dir: Path, tag: str) -> TrainingState:
     """Restore DeepSpeed's state and ours from checkpoint ``tag`` (a collective)."""
+    use_safe_loading(engine)
     path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
     if path is None or client_state is None:
         raise RuntimeError(f"could not load checkpoint {tag} from {checkpoint_dir(run_dir)}")
@@ -177,3 +336,44 @@ def load(engine: Any, run_dir: Path, tag: str) -> TrainingState:
         consumed_tokens=int(client_state["consumed_tokens"]),
         data=dict(client_state["data"]),
     )
+
+
+def main(argv: list[str]) -> int:
+    """``python -m orchestrator.checkpoint verify RUN_DIR [--tag step_N]``."""
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("verify", help="check every file of a run's checkpoints")
+    check.add_argument("run_dir", type=Path)
+    check.add_argument("--tag", default=None, help="one checkpoint (default: all complete ones)")
+    ns = parser.parse_args(argv)
+    root = checkpoint_dir(ns.run_dir)
+    if not root.is_dir():
+        print(f"error: run_dir={ns.run_dir}: no checkpoints folder", file=sys.stderr)
+        return 2
+    tags = (
+        [ns.tag]
+        if ns.tag
+        else sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+    )
+    if ns.tag and not (root / ns.tag).is_dir():
+        print(f"error: --tag={ns.tag}: no such checkpoint in {root}", file=sys.stderr)
+        return 2
+    bad = 0
+    for tag in tags:
+        manifest = integrity.read_manifest(root / tag)
+        if manifest is None:
+            print(f"{tag}: not verified (no {integrity.MANIFEST}: saved before checksums)")
+            continue
+        problems = integrity.verify(root / tag)
+        if problems:
+            bad += 1
+            print(f"{tag}: DAMAGED: " + "; ".join(problems))
+        else:
+            size = manifest["total_bytes"] / 2**30
+            print(f"{tag}: ok ({len(manifest['files'])} files, {size:.3f} GiB)")
+    print(f"latest: {latest_tag(ns.run_dir) or '(none)'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -311,6 +311,9 @@ class FaultsConfig:
     spike_window: int = 50  # good steps in that mean
     # Testing aid: make the loss NaN on the N-th global batches drawn (pp = 1 only).
     inject_nan_at_steps: list[int] = field(default_factory=list)
+    # Testing aid: multiply the loss by 1000 on the N-th global batches drawn (pp = 1 only):
+    # a bad update that is applied (clipped) and shows as a loss spike.
+    inject_spike_at_steps: list[int] = field(default_factory=list)
     # Testing aid: this rank sleeps inject_slow_s at the start of every step (a straggler).
     inject_slow_rank: int | None = None
     inject_slow_s: float = 0.0

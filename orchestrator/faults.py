@@ -36,6 +36,8 @@ import torch.distributed as dist
 EXIT_REQUEUE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 EXIT_HANG = 3
+# A checkpoint could not be written (disk full, permission, I/O error): not requeued.
+EXIT_SAVE_FAILED = 4
 
 
 class StopRequest:

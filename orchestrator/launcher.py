@@ -68,7 +68,7 @@ def _last_error(log_path: Path) -> str:
         return "(no log)"
     lines = [ln for ln in lines if ln]
     for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
+        if "Error" in line or "Exception" in line or " ERROR " in line:
             return line
     return lines[-1] if lines else "(empty log)"
 

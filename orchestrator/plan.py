@@ -157,11 +157,12 @@ def _check_training(cfg: Config, args: ModelArgs) -> int:
             "(DeepSpeed's ZeRO-0 accumulates bf16 gradients, or with pp > 1 refuses "
             "fp32 accumulation)"
         )
-    if cfg.faults.inject_nan_at_steps and cfg.parallel.pp > 1:
-        raise ValueError(
-            f"faults.inject_nan_at_steps={cfg.faults.inject_nan_at_steps}: supported with pp=1 only "
-            f"(pp={cfg.parallel.pp})"
-        )
+    for name in ("inject_nan_at_steps", "inject_spike_at_steps"):
+        steps = getattr(cfg.faults, name)
+        if steps and cfg.parallel.pp > 1:
+            raise ValueError(
+                f"faults.{name}={steps}: supported with pp=1 only (pp={cfg.parallel.pp})"
+            )
     return seq_len
 
 

@@ -88,7 +88,7 @@ def _locals(
     for name, param in engine.module.named_parameters():
         full = global_name(name, n_layers, pp)
         shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps only a partition
-        dim = param.partition_dim if is_sharded(param) else None  # type: ignore[attr-defined]
+        dim = param.partition_dim if is_sharded(param) else None
         if full not in source.params:
             raise UnsupportedCheckpoint(
                 f"{source.path}: no parameter {full} (is it the same model?)"

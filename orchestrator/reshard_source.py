@@ -216,7 +216,8 @@ class SourceCheckpoint:
     def _meta(self) -> dict[str, Any]:
         states = self._file(self._states_file())
         optim = self._optim(self.optim_file(0, 0))
-        base = optim.get("base_optimizer_state", optim.get("optimizer_state_dict"))
+        key = "optimizer_state_dict" if self.layout.zero_stage == 3 else "base_optimizer_state"
+        base = optim[key]
         return {
             "adam_step": int(base["state"][0]["step"]),
             "step": int(states["step"]),

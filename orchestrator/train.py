@@ -36,7 +36,14 @@ from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
 from orchestrator.dist_env import init_process_group, read_env
-from orchestrator.faults import EXIT_REQUEUE, Heartbeat, NumericsGuard, StopRequest, Watchdog
+from orchestrator.faults import (
+    EXIT_REQUEUE,
+    EXIT_SAVE_FAILED,
+    Heartbeat,
+    NumericsGuard,
+    StopRequest,
+    Watchdog,
+)
 from orchestrator.monitor import Monitor, banner, loss_scale
 from orchestrator.plan import Plan, resolve_plan
 from orchestrator.weights import read_pretrained
@@ -70,7 +77,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     model = model.to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
     layout = checkpoint.LayoutRecord.from_plan(plan)
-    tag = checkpoint.latest_tag(run_dir) if cfg.run.resume == "auto" else None
+    tag = checkpoint.find_resumable(run_dir) if cfg.run.resume == "auto" else None
     start_step = 0 if tag is None else _restore(engine, cfg, plan, groups, run_dir, tag, data)
     if env.rank == 0:
         resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
@@ -79,7 +86,6 @@ def train(cfg: Config, run_dir: Path) -> int:
     watchdog = Watchdog(heartbeat, timeout_s=cfg.faults.hang_timeout_s)
     watchdog.start().progress(start_step, "first step")
     monitor = Monitor(cfg, plan, run_dir, rank=env.rank, device=device, heartbeat=heartbeat)
-    tokens_per_step = plan.global_batch_size * plan.seq_len
 
     def evaluate(step: int) -> None:
         interval = cfg.train.eval_interval
@@ -91,7 +97,8 @@ def train(cfg: Config, run_dir: Path) -> int:
 
     def save(step: int) -> None:
         watchdog.progress(step, "checkpoint save")
-        state = checkpoint.TrainingState(step, step * tokens_per_step, data.state_dict(), layout)
+        tokens = _consumed_tokens(data, plan)  # more than step x batch after a rollback
+        state = checkpoint.TrainingState(step, tokens, data.state_dict(), layout)
         path = checkpoint.save(engine, run_dir, state, keep=cfg.checkpoint.keep)
         log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
 
@@ -101,7 +108,7 @@ def train(cfg: Config, run_dir: Path) -> int:
         spike_factor=cfg.faults.spike_factor,
         spike_window=cfg.faults.spike_window,
     )
-    stopping = False
+    stopping = save_failed = False
     if start_step == 0:
         evaluate(0)
     step = start_step
@@ -118,8 +125,12 @@ def train(cfg: Config, run_dir: Path) -> int:
             grad_norm = engine.get_global_grad_norm()
         else:
             batch_number = int(data.state_dict()["position"]) // plan.num_micro_batches + 1
-            poison = batch_number in cfg.faults.inject_nan_at_steps
-            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, poison)
+            factor = 1.0
+            if batch_number in cfg.faults.inject_nan_at_steps:
+                factor = float("nan")
+            elif batch_number in cfg.faults.inject_spike_at_steps:
+                factor = 1000.0
+            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, factor)
         elapsed = time.perf_counter() - start
         waited = comm_wait.total - waited_before
         done = step + 1
@@ -155,7 +166,12 @@ def train(cfg: Config, run_dir: Path) -> int:
         stopping = stop.agreed() and done < cfg.train.steps
         exiting = done == cfg.train.exit_at_step
         if done == cfg.train.steps or stopping or exiting or (interval and done % interval == 0):
-            save(done)
+            try:
+                save(done)
+            except checkpoint.CheckpointSaveError as exc:  # on every rank: end the run
+                log.error("step %d/%d | %s", done, cfg.train.steps, exc)
+                save_failed = True
+                break
         if stopping:
             log.warning(
                 "step %d/%d | stopped by signal %s: checkpoint written, exiting for requeue",
@@ -173,6 +189,8 @@ def train(cfg: Config, run_dir: Path) -> int:
     watchdog.stop()
     monitor.close()
     _shutdown(engine)
+    if save_failed:
+        return EXIT_SAVE_FAILED
     return EXIT_REQUEUE if stopping else 0
 
 
@@ -205,7 +223,7 @@ def _roll_back(
     step: int,
 ) -> int:
     """Reload the last checkpoint; the data stream goes on past the offending batches."""
-    tag = checkpoint.latest_tag(run_dir)
+    tag = checkpoint.find_resumable(run_dir)
     if tag is None:
         raise RuntimeError(f"step {step}: {why}, and there is no checkpoint to roll back to")
     position = data.state_dict()
@@ -291,7 +309,7 @@ def _data_parallel_step(
     batches: Iterator[Batch],
     plan: Plan,
     groups: ProcessGroups,
-    poison: bool = False,
+    loss_factor: float = 1.0,
 ) -> tuple[float, float | None]:
     """One optimiser step as ``num_micro_batches`` forward/backward passes.
 
@@ -304,8 +322,8 @@ def _data_parallel_step(
         inputs, labels = next(batches)
         labels = labels.to(device)
         loss = masked_mean(model.loss(engine(inputs.to(device)), labels), labels)
-        if poison:
-            loss = loss * float("nan")  # faults.inject_nan_at_steps
+        if loss_factor != 1.0:  # faults.inject_nan_at_steps / inject_spike_at_steps
+            loss = loss * loss_factor
         engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
         if micro == plan.num_micro_batches - 1 and plan.zero_stage == 0:
             # DeepSpeed keeps no norm at ZeRO-0: take it before the step clips.

@@ -156,3 +156,49 @@ def test_numerics_guard_policy() -> None:
     # the window is now (3.0, 3.0, 5.9), mean 3.97: 8.5 is a spike
     assert guard.observe(8.5, skipped=False).rollback.startswith("loss spike 8.5000 > 2 x 3.9667")
     assert guard.skipped_total == 3
+
+
+def test_loss_spike_rolls_back_the_weights_and_moves_the_data_on(tmp_path: Path) -> None:
+    """A bad step that *was* applied is undone: the run ends where skipping that batch ends.
+
+    The reference skips the same batch instead (a NaN step: no update, the lr
+    and Adam's step count held, the batch consumed) and takes one more step to
+    make up for it; with a constant lr after warmup both end with the same
+    weights and optimiser state, bit for bit. A rollback that kept the spiked
+    update, or replayed the bad batch, cannot.
+    """
+    common = [
+        "model=tiny",
+        "data=demo",
+        "parallel=tp1pp1",
+        "parallel.dp=2",
+        "train.log_interval=1",
+        "train.warmup_steps=1",
+        "train.min_lr_ratio=1.0",
+        "train.eval_interval=0",
+        "checkpoint.interval=4",
+    ]
+    rolled, skipped = tmp_path / "rolled", tmp_path / "skipped"
+    proc = run_launch(
+        *common,
+        f"run.dir={rolled}",
+        "train.steps=9",  # as the reference: the data index depends on it
+        "train.exit_at_step=8",
+        "faults.inject_spike_at_steps=[5]",
+        "faults.spike_factor=3",
+        "faults.spike_window=2",
+    )
+    assert "loss spike" in proc.stdout and "rolled back to step_00000004 (step 4)" in proc.stdout
+    metrics = read_metrics(rolled / "metrics.jsonl")
+    assert [int(m["step"]) for m in metrics] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert metrics[4]["loss"] > 100 * metrics[3]["loss"]  # the spike was real and applied
+    run_launch(*common, f"run.dir={skipped}", "train.steps=9", "faults.inject_nan_at_steps=[5]")
+    reference = read_metrics(skipped / "metrics.jsonl")
+    assert metrics[-1]["consumed_tokens"] == reference[-1]["consumed_tokens"] == 9 * 8 * 128
+    for mine, theirs in zip(metrics[5:], reference[5:], strict=True):
+        assert mine["loss"] == theirs["loss"], (mine, theirs)  # the same batches after the bad one
+    got = _weights_and_optimiser(checkpoint_dir(rolled) / "step_00000008")
+    want = _weights_and_optimiser(checkpoint_dir(skipped) / "step_00000009")
+    assert got.keys() == want.keys() and len(want) > 4
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
