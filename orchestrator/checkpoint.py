@@ -264,10 +264,12 @@ def _prune(root: Path, *, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def find_resumable(run_dir: Path) -> str | None:
+def find_resumable(run_dir: Path, layout: LayoutRecord | None = None) -> str | None:
     """The newest checkpoint whose files match their manifest (a collective), or None.
 
-    Tries ``latest`` first, then older complete checkpoints. Each damaged one
+    Tries ``latest`` first, then older complete checkpoints. Given the run's
+    ``layout``, a checkpoint of that layout has each file checked by the rank
+    that will load it. Each damaged one
     is reported with the files that are wrong and renamed ``step_N.damaged``;
     raises :class:`NoUsableCheckpoint` when checkpoints exist but none is whole.
     """
@@ -283,7 +285,7 @@ def find_resumable(run_dir: Path) -> str | None:
     candidates = _broadcast(candidates)
     damaged: list[str] = []
     for tag in candidates:
-        problems = verify_collective(root / tag)
+        problems = verify_collective(root / tag, layout)
         if not problems:
             if damaged:
                 log.warning("resuming from %s, the newest whole checkpoint", tag)
@@ -305,20 +307,34 @@ def find_resumable(run_dir: Path) -> str | None:
     return None
 
 
-def verify_collective(folder: Path) -> list[str]:
+def verify_collective(folder: Path, layout: LayoutRecord | None = None) -> list[str]:
     """Problems with one checkpoint (a collective: each rank checksums a share of its files)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    manifest, problems = None, []
+    manifest, problems, same_layout = None, [], False
     if rank == 0:
+        same_layout = layout is not None and read_layout(folder) == layout
         manifest = integrity.read_manifest(folder)
         if manifest is None:
             log.warning("%s: no %s, its files are not verified", folder, integrity.MANIFEST)
         else:
             problems = integrity.check_sizes(folder, manifest)
-    manifest, problems = _broadcast((manifest if not problems else None, problems))
+    manifest, problems, same_layout = _broadcast(
+        (manifest if not problems else None, problems, same_layout)
+    )
     if manifest is None or problems:
         return list(problems)
-    mine = integrity.check_checksums(folder, manifest, integrity.shares(manifest, world)[rank])
+    owner = None
+    if same_layout and layout is not None:
+        owner = integrity.owners(
+            list(manifest["files"]),
+            tp=layout.tp,
+            pp=layout.pp,
+            dp=layout.dp,
+            stage_layers=layout.stage_layers,
+        )
+    mine = integrity.check_checksums(
+        folder, manifest, integrity.shares(manifest, world, owner)[rank]
+    )
     everyone: list[list[str]] = [[] for _ in range(world)]
     dist.all_gather_object(everyone, mine)
     return [p for part in everyone for p in part]

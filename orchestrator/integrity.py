@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,25 +32,40 @@ import torch
 
 MANIFEST = "manifest.json"
 _CHUNK = 16 << 20
+_OVERLAP = 1 << 20  # chunks at least this large are checksummed while they are written
+_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(?:optim|model)_states\.pt$")
+_MP = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
 class _ChecksummedFile:
-    """A binary file that keeps a running CRC-32 and byte count of what is written."""
+    """A binary file that keeps a running CRC-32 and byte count of what is written.
 
-    def __init__(self, file: Any) -> None:
+    A large chunk's CRC runs on a helper thread while the chunk is written
+    (both release the GIL), so the checksum costs max(write, crc), not the sum.
+    """
+
+    def __init__(self, file: Any, pool: ThreadPoolExecutor) -> None:
         self.file = file
+        self.pool = pool
         self.crc = 0
         self.size = 0
         self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        crc = self.pool.submit(zlib.crc32, view, self.crc) if len(view) >= _OVERLAP else None
         try:
-            written = self.file.write(data)
+            written = self.file.write(view)
         except OSError as exc:
             self.error = self.error or exc
             raise
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(memoryview(data).cast("B"))
+        finally:
+            if crc is not None:
+                self.crc = crc.result()
+        if crc is None:
+            self.crc = zlib.crc32(view, self.crc)
+        self.size += len(view)
         return int(written)
 
     def flush(self) -> None:
@@ -76,8 +93,8 @@ def _tensor_bytes(obj: Any) -> int:
 
 def write_checksummed(obj: Any, path: Path) -> dict[str, Any]:
     """``torch.save`` to ``path`` with its size and CRC-32, fsynced; raises OSError on failure."""
-    with open(path, "wb") as raw:
-        out = _ChecksummedFile(raw)
+    with open(path, "wb") as raw, ThreadPoolExecutor(1) as pool:
+        out = _ChecksummedFile(raw, pool)
         try:
             torch.save(obj, out)  # type: ignore[arg-type]
             raw.flush()
@@ -187,12 +204,55 @@ def check_checksums(folder: Path, manifest: dict[str, Any], names: list[str]) ->
     return problems
 
 
-def shares(manifest: dict[str, Any], world_size: int) -> list[list[str]]:
-    """Files split over ranks, largest first to the least-loaded rank (each file once)."""
+def owners(
+    names: list[str], *, tp: int, pp: int, dp: int, stage_layers: list[list[int]]
+) -> dict[str, int]:
+    """The rank that loads each of DeepSpeed's files when resuming under the layout that wrote them.
+
+    A file checked by that rank is then in its node's page cache when the
+    loader reads it: the check adds CRC time, not a second read.
+    """
+    from model_parallel.layout import Layout
+
+    grid = Layout(tp=tp, pp=pp, dp=dp)
+    n_layers = stage_layers[-1][1] + 1
+
+    def stage_of(pipeline_index: int) -> int:  # 0: embedding; 1..n_layers: blocks; then the head
+        layer = min(max(pipeline_index - 1, 0), n_layers - 1)
+        return next(s for s, (first, last) in enumerate(stage_layers) if first <= layer <= last)
+
+    out = {}
+    for name in names:
+        if match := _OPTIM.match(name):
+            dp_rank, mp = int(match.group(1)), int(match.group(2))
+        elif match := _MP.match(name):
+            dp_rank, mp = 0, int(match.group(1))
+        elif match := _LAYER.match(name):
+            dp_rank, mp = 0, stage_of(int(match.group(1))) * tp + int(match.group(2))
+        else:
+            continue
+        stage, tp_rank = divmod(mp, tp)
+        if stage < pp and dp_rank < dp and tp_rank < tp:
+            out[name] = grid.rank(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=stage)
+    return out
+
+
+def shares(
+    manifest: dict[str, Any], world_size: int, owner: dict[str, int] | None = None
+) -> list[list[str]]:
+    """Files split over ranks, each file once: to its ``owner`` if it has one, else the
+    largest first to the least-loaded rank."""
+    owner = owner or {}
     load = [0] * world_size
     out: list[list[str]] = [[] for _ in range(world_size)]
     by_size = sorted(manifest["files"].items(), key=lambda kv: (-int(kv[1]["bytes"]), kv[0]))
     for name, entry in by_size:
+        if name in owner and owner[name] < world_size:
+            out[owner[name]].append(name)
+            load[owner[name]] += int(entry["bytes"])
+    for name, entry in by_size:
+        if name in owner and owner[name] < world_size:
+            continue
         rank = min(range(world_size), key=lambda r: (load[r], r))
         out[rank].append(name)
         load[rank] += int(entry["bytes"])

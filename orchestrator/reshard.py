@@ -69,7 +69,7 @@ class _Local:
 
     def _rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
         """Rows ``[r0, r1)`` of the shard, from the full tensor (zeros in vocab padding)."""
-        full = self.source.params[self.name].full_shape
+        full = self.source.param(self.name).full_shape
         if self.dim == 1:
             c0 = self.tp_rank * self.cols
             return self.source.read(self.name, key, (r0, r1), (c0, c0 + self.cols))
@@ -89,10 +89,10 @@ def _locals(
         full = global_name(name, n_layers, pp)
         shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps only a partition
         dim = param.partition_dim if is_sharded(param) else None
-        if full not in source.params:
-            raise UnsupportedCheckpoint(
-                f"{source.path}: no parameter {full} (is it the same model?)"
-            )
+        try:
+            source.param(full)
+        except KeyError as exc:
+            raise UnsupportedCheckpoint(f"{exc.args[0]} (is it the same model?)") from exc
         out[param] = _Local(source, full, shape, dim, tp_rank)
     return out
 
@@ -217,7 +217,7 @@ def load_resharded(
 def read_full_state(path: Path, args: Any) -> dict[str, torch.Tensor]:
     """Every parameter's full fp32 weight and moments, ``name/key`` (tests, inspection)."""
     source = SourceCheckpoint(path, args)
-    return {f"{n}/{k}": source.read_full(n, k) for n in source.params for k in KEYS}
+    return {f"{n}/{k}": source.read_full(n, k) for n in source.names() for k in KEYS}
 
 
 def main(argv: list[str]) -> int:
@@ -237,7 +237,7 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    numel = sum(math.prod(p.full_shape) for p in source.params.values())
+    numel = sum(math.prod(source.param(n).full_shape) for n in source.names())
     print(
         f"{tag}: {source.layout.describe()}, {len(source.params)} parameters "
         f"({numel:,} elements), step {source.meta['step']}: loads under any layout"

@@ -77,7 +77,7 @@ class Param:
     full_shape: tuple[int, ...]  # unpadded
     dim: int | None  # tp split axis
     local_shape: tuple[int, ...]  # a tp shard's shape in the source layout (padded)
-    shards: list[list[Piece]] = field(default_factory=list)  # per source tp rank
+    shards: list[list[Piece] | None] = field(default_factory=list)  # per source tp rank
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -107,17 +107,58 @@ class SourceCheckpoint:
         self._prefix = (
             "bf16_" if (path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() else ""
         )
-        self.params: dict[str, Param] = {}
-        if layout.zero_stage == 3:
-            for tp_rank in range(layout.tp):  # ZeRO-3 runs with pp = 1
-                self._index_zero3(tp_rank)
-        else:
-            for stage in range(layout.pp):
-                for tp_rank in range(layout.tp):
-                    self._index_zero12(stage * layout.tp + tp_rank, tp_rank)
+        self.params: dict[str, Param] = {}  # indexed so far (lazily, by stage and tp rank)
+        self._indexed: set[int] = set()
         self.meta = self._meta()
 
     # -- the index ---------------------------------------------------------
+
+    def _stage_of(self, name: str) -> int:
+        if self.layout.zero_stage == 3 or name == "tok_embeddings.weight":
+            return 0  # ZeRO-3 runs with pp = 1
+        if not name.startswith("layers."):
+            return self.layout.pp - 1  # norm, output
+        layer = int(name.split(".")[1])
+        for stage, (first, last) in enumerate(self.layout.stage_layers):
+            if first <= layer <= last:
+                return stage
+        raise KeyError(f"{self.path}: layer {layer} is in no stage of {self.layout.stage_layers}")
+
+    def _index(self, stage: int, tp_rank: int) -> None:
+        """Index model-parallel rank (``stage``, ``tp_rank``): two small reads, done once."""
+        mp = stage * self.layout.tp + tp_rank
+        if mp in self._indexed:
+            return
+        self._indexed.add(mp)
+        if self.layout.zero_stage == 3:
+            self._index_zero3(tp_rank)
+        else:
+            self._index_zero12(mp, tp_rank)
+
+    def param(self, name: str) -> Param:
+        """Where parameter ``name`` (Meta's name) is; KeyError if the checkpoint has none."""
+        if name not in self.params:
+            try:
+                self._index(self._stage_of(name), 0)
+            except (KeyError, ValueError, IndexError) as exc:
+                raise KeyError(f"{self.path}: no parameter {name} ({exc})") from exc
+        if name not in self.params:
+            raise KeyError(f"{self.path}: no parameter {name} in this checkpoint")
+        return self.params[name]
+
+    def _shard(self, param: Param, tp_rank: int) -> list[Piece]:
+        if param.shards[tp_rank] is None:
+            self._index(self._stage_of(param.name), tp_rank)
+        pieces = param.shards[tp_rank]
+        assert pieces is not None
+        return pieces
+
+    def names(self) -> list[str]:
+        """Every parameter (indexes every rank: for tests and inspection)."""
+        stages = 1 if self.layout.zero_stage == 3 else self.layout.pp
+        for stage in range(stages):
+            self._index(stage, 0)
+        return list(self.params)
 
     def optim_file(self, dp_rank: int, mp_rank: int) -> str:
         return f"{self._prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
@@ -147,7 +188,7 @@ class SourceCheckpoint:
                 if name in _VOCAB_PADDED:
                     full[dim] = self.args.vocab_size
             param = Param(name, tuple(full), dim, tuple(local_shape))
-            param.shards = [[] for _ in range(self.layout.tp)]
+            param.shards = [None] * self.layout.tp
             self.params[name] = param
         param.shards[tp_rank] = pieces
 
@@ -180,7 +221,7 @@ class SourceCheckpoint:
             for local_name, addr in mapping.items():
                 name = global_name(local_name, self.args.n_layers, self.layout.pp)
                 tp_rank = mp % self.layout.tp
-                piece = self.params[name].shards[tp_rank][0]
+                piece = self._shard(self.params[name], tp_rank)[0]
                 if (piece.file, piece.group, piece.offset, piece.numel) != (
                     self.optim_file(0, mp),
                     group,
@@ -248,7 +289,7 @@ class SourceCheckpoint:
     ) -> torch.Tensor:
         """Elements ``[start, end)`` of source tp shard ``tp_rank``, flattened."""
         out = torch.empty(end - start, dtype=torch.float32)
-        for piece in param.shards[tp_rank]:
+        for piece in self._shard(param, tp_rank):
             lo, hi = max(start, piece.start), min(end, piece.start + piece.numel)
             if lo >= hi:
                 continue
@@ -266,9 +307,7 @@ class SourceCheckpoint:
 
         A 1-D tensor is read as a column (``rows`` index its elements).
         """
-        if name not in self.params:
-            raise KeyError(f"{self.path}: no parameter {name} in this checkpoint")
-        param = self.params[name]
+        param = self.param(name)
         full = param.full_shape if len(param.full_shape) == 2 else (*param.full_shape, 1)
         local = param.local_shape if len(param.local_shape) == 2 else (*param.local_shape, 1)
         r0, r1 = rows
@@ -300,7 +339,7 @@ class SourceCheckpoint:
 
     def read_full(self, name: str, key: str) -> torch.Tensor:
         """The whole unpadded tensor (for tests and inspection; a re-shard never needs it)."""
-        param = self.params[name]
+        param = self.param(name)
         return self.read(name, key, (0, param.full_shape[0])).view(param.full_shape)
 
     def close(self) -> None:

@@ -77,7 +77,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     model = model.to(device)
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
     layout = checkpoint.LayoutRecord.from_plan(plan)
-    tag = checkpoint.find_resumable(run_dir) if cfg.run.resume == "auto" else None
+    tag = checkpoint.find_resumable(run_dir, layout) if cfg.run.resume == "auto" else None
     start_step = 0 if tag is None else _restore(engine, cfg, plan, groups, run_dir, tag, data)
     if env.rank == 0:
         resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
@@ -223,7 +223,7 @@ def _roll_back(
     step: int,
 ) -> int:
     """Reload the last checkpoint; the data stream goes on past the offending batches."""
-    tag = checkpoint.find_resumable(run_dir)
+    tag = checkpoint.find_resumable(run_dir, checkpoint.LayoutRecord.from_plan(plan))
     if tag is None:
         raise RuntimeError(f"step {step}: {why}, and there is no checkpoint to roll back to")
     position = data.state_dict()

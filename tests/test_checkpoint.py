@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from orchestrator.checkpoint import checkpoint_dir, latest_tag
 from orchestrator.config import load_config
 from orchestrator.faults import EXIT_REQUEUE
+from orchestrator.integrity import verify
 from orchestrator.metrics import read_metrics
 from orchestrator.weights import read_checkpoint
 from tests.distributed import run_ranks
@@ -58,28 +60,54 @@ def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _client_state(path: Path) -> list[tuple[int, int, dict[str, int]]]:
+    """Step, consumed tokens and data position recorded by each model-parallel rank."""
+    out = []
+    for f in sorted(path.glob("*mp_rank_*_model_states.pt")):  # not the pipeline's layer files
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        out.append((state["step"], state["consumed_tokens"], dict(state["data"])))
+    return out
+
+
 @pytest.mark.parametrize(
     "layout",
     [["parallel=tp2pp2"], ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=2"]],
     ids=["tp2pp2", "dp2_zero2"],
 )
 def test_resume_is_bitwise_exact(layout: list[str], tmp_path: Path) -> None:
+    """Stopped at step 7 of the demo corpus: 56 samples in, no repeat period divides it.
+
+    A resume that restarted the data (or replayed a batch) reads other samples
+    from step 8 on, so its losses, consumed tokens and final state differ.
+    """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(straight, *layout)
-    _run(resumed, *layout, "train.exit_at_step=10")
-    assert latest_tag(resumed) == "step_00000010"
-    proc = _run(resumed, *layout)
-    assert "resumed from step_00000010 at step 10" in proc.stdout
+    demo = ["data=demo", *layout]
+    _run(straight, *demo)
+    _run(resumed, *demo, "train.exit_at_step=7")
+    assert latest_tag(resumed) == "step_00000007"
+    assert {s[:2] for s in _client_state(checkpoint_dir(resumed) / "step_00000007")} == {
+        (7, 7 * 8 * 128)
+    }
+    proc = _run(resumed, *demo)
+    assert "resumed from step_00000007 at step 7" in proc.stdout
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(1, 21))
+    assert len({round(m["loss"], 6) for m in a}) == 20  # no two steps alike: no short period
     for x, y in zip(a, b, strict=True):
-        assert (x["loss"], x["grad_norm"]) == (y["loss"], y["grad_norm"]), x["step"]
-    # the same final weights and optimiser state, bit for bit
+        assert (x["loss"], x["grad_norm"], x["consumed_tokens"]) == (
+            y["loss"],
+            y["grad_norm"],
+            y["consumed_tokens"],
+        ), x["step"]
+    # the same final weights, optimiser state and data position, bit for bit
     final_a = _checkpoint_tensors(checkpoint_dir(straight) / "step_00000020")
     final_b = _checkpoint_tensors(checkpoint_dir(resumed) / "step_00000020")
     assert final_a.keys() == final_b.keys() and len(final_a) > 10
     for name in final_a:
         assert torch.equal(final_a[name], final_b[name]), name
+    state_a = _client_state(checkpoint_dir(straight) / "step_00000020")
+    assert state_a == _client_state(checkpoint_dir(resumed) / "step_00000020")
+    assert state_a[0][1] == 20 * 8 * 128
 
 
 def test_keeps_the_last_k(tmp_path: Path) -> None:
@@ -211,3 +239,95 @@ def test_stop_signal_during_start_up_is_kept_until_the_first_step(tmp_path: Path
     out, _ = worker.communicate(timeout=240)
     assert worker.returncode == EXIT_REQUEUE, out[-3000:]
     assert latest_tag(run_dir) == "step_00000001"
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:  # one bit flipped in the middle: the size is right, the bytes are not
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit_flipped"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, how: str) -> None:
+    from orchestrator.checkpoint import main as checkpoint_main
+
+    run_dir = tmp_path / "run"
+    layout = ["parallel=tp1pp1", "parallel.dp=2", "checkpoint.interval=2"]
+    _run(run_dir, *layout, "train.steps=6")
+    assert checkpoint_main(["verify", str(run_dir)]) == 0
+    newest = checkpoint_dir(run_dir) / "step_00000006"
+    victim = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    _damage(victim, how)
+    assert checkpoint_main(["verify", str(run_dir)]) == 1  # by hand: names it
+
+    proc = _run(run_dir, *layout, "train.steps=8")
+    warning = next(line for line in proc.stdout.splitlines() if "is damaged" in line)
+    assert "step_00000006" in warning and str(victim) in warning, warning
+    assert ("bytes, the manifest says" if how == "truncated" else "checksum") in warning
+    assert "resumed from step_00000004 at step 4" in proc.stdout
+    assert (checkpoint_dir(run_dir) / "step_00000006.damaged").is_dir()  # kept for a look
+    assert latest_tag(run_dir) == "step_00000008"
+    steps = [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps[-4:] == [5, 6, 7, 8]
+
+
+def test_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.checkpoint import main as checkpoint_main
+
+    assert checkpoint_main(["verify", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run_dir=") and err.count("\n") == 1
+    run_dir = tmp_path / "run"
+    _run(run_dir, "parallel=tp1pp1", "train.steps=2")
+    assert checkpoint_main(["verify", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "step_00000002: ok (" in out and "latest: step_00000002" in out
+    assert checkpoint_main(["verify", str(run_dir), "--tag", "step_00000009"]) == 2
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """``RUN_DIR/checkpoints`` on a 32 MiB tmpfs: one tiny-model checkpoint fits, two do not."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    run_dir = tmp_path / "run"
+    mount = checkpoint_dir(run_dir)
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], check=True)
+    try:
+        yield run_dir
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_keeps_latest_and_says_so(small_disk: Path) -> None:
+    run_dir = small_disk
+    proc = run_launch(
+        *COMMON,
+        f"run.dir={run_dir}",
+        "parallel=tp1pp1",
+        "parallel.dp=2",
+        "train.steps=4",
+        "checkpoint.interval=2",
+        expect=1,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    line = errors[0]
+    assert "checkpoint step_00000004 not saved" in line and "No space left on device" in line
+    assert "step_00000004.partial/" in line and "needs about" in line and "GiB free" in line
+    assert "latest still names step_00000002" in line
+    assert "Traceback" not in proc.stderr
+    root = checkpoint_dir(run_dir)
+    assert latest_tag(run_dir) == "step_00000002"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000002"]
+    assert "checkpoint " + str(root / "step_00000004") not in proc.stdout  # never reported
+    assert verify(root / "step_00000002") == []  # and what latest names is whole
+    cfg = load_config(run_dir / "config.yaml")
+    state = read_checkpoint(root / "step_00000002", cfg.model.to_args(), tp=1, pp=1)
+    assert all(t.isfinite().all() for t in state.values())

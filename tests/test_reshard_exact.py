@@ -119,7 +119,10 @@ def test_state_moves_bit_for_bit(
 
 
 def _deepspeed_fp32(rank: int, world: int, run: str, overrides: list[str]) -> dict[str, Any]:
-    """DeepSpeed's own full fp32 weights after loading the checkpoint under its layout."""
+    """DeepSpeed's own full fp32 weights after loading the checkpoint under its layout.
+
+    Every file it reads goes through ``torch.load(weights_only=True)``.
+    """
     os.environ["LOCAL_RANK"] = str(rank)
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -136,7 +139,19 @@ def _deepspeed_fp32(rank: int, world: int, run: str, overrides: list[str]) -> di
     plan = resolve_plan(cfg)
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
     engine = ds_engine.initialize(build_model(cfg, plan, groups), cfg, plan, groups, on_gpu=False)
-    checkpoint.load(engine, Path(run), str(checkpoint.latest_tag(Path(run))))
+    calls: list[bool] = []
+    real_load = torch.load
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        calls.append(bool(kwargs.get("weights_only")))
+        return real_load(*args, **kwargs)
+
+    torch.load = recording_load  # type: ignore[assignment]
+    try:
+        checkpoint.load(engine, Path(run), str(checkpoint.latest_tag(Path(run))))
+    finally:
+        torch.load = real_load
+    assert calls and all(calls), f"DeepSpeed's loader unpickled a file fully: {calls}"
     # numpy arrays: they pickle by value back to the test process
     return {
         n: safe_get_full_fp32_param(p).numpy().copy() for n, p in engine.module.named_parameters()
@@ -151,7 +166,7 @@ def test_reader_agrees_with_deepspeed(sources: dict[str, Path]) -> None:
     source = SourceCheckpoint(checkpoint_dir(run) / str(latest_tag(run)), args)
     read = 0
     for name, array in ranks[0].items():
-        full = torch.from_numpy(array)[: source.params[name].full_shape[0]]  # vocab padding off
+        full = torch.from_numpy(array)[: source.param(name).full_shape[0]]  # vocab padding off
         assert torch.equal(source.read_full(name, "fp32"), full), name
         read += full.numel() * 4
     assert source.bytes_read == read
