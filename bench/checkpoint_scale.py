@@ -50,7 +50,8 @@ from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 from model_parallel.args import ModelArgs  # noqa: E402
 from orchestrator import integrity  # noqa: E402
 from orchestrator.reshard import _Local  # noqa: E402
-from orchestrator.reshard_source import SourceCheckpoint, tp_dim  # noqa: E402
+from orchestrator.reshard_source import SourceCheckpoint  # noqa: E402
+from orchestrator.weights import tp_dim  # noqa: E402
 
 DIM, FFN, VOCAB, N_HEADS = 8192, 22016, 32000, 64
 SRC = {"tp": 8, "pp": 4, "dp": 64}

@@ -34,28 +34,10 @@ import torch
 from model_parallel.args import ModelArgs
 from orchestrator.checkpoint import LayoutRecord, read_layout
 from orchestrator.safe_load import safe_load
-from orchestrator.weights import global_name
+from orchestrator.weights import global_name, tp_dim
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-# Which axis of the full tensor tp splits (None: every tp rank holds all of it).
-_TP_DIM = {
-    "tok_embeddings.weight": 0,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w3.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "output.weight": 0,
-}
 _VOCAB_PADDED = ("tok_embeddings.weight", "output.weight")
-
-
-def tp_dim(name: str) -> int | None:
-    """The axis tp splits parameter ``name`` (Meta's name) along, or None."""
-    rest = name.split(".", 2)[2] if name.startswith("layers.") else name
-    return _TP_DIM.get(rest)
 
 
 @dataclass(frozen=True)

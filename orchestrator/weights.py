@@ -40,7 +40,8 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _tp_dim(name: str) -> int | None:
+def tp_dim(name: str) -> int | None:
+    """The axis tp splits parameter ``name`` (Meta's name) along, or None (replicated)."""
     rest = name.split(".", 2)[2] if name.startswith("layers.") else name
     return _TP_DIM.get(rest)
 
@@ -49,7 +50,7 @@ def merge_tp(shards: list[StateDict], args: ModelArgs) -> StateDict:
     """Full tensors from one state dict per tp rank (Meta names; vocab padding dropped)."""
     out: StateDict = {}
     for name in shards[0]:
-        dim = _tp_dim(name)
+        dim = tp_dim(name)
         tensor = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
         if name in ("tok_embeddings.weight", "output.weight"):
             tensor = tensor[: args.vocab_size]  # drop the tp padding rows

@@ -252,28 +252,32 @@ def _damage(path: Path, how: str) -> None:
             f.write(bytes([byte[0] ^ 0x10]))
 
 
-@pytest.mark.parametrize("how", ["truncated", "bit_flipped"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, how: str) -> None:
+def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path: Path) -> None:
+    """step 6 truncated, step 4 with one bit flipped: the resume names both, takes step 2."""
     from orchestrator.checkpoint import main as checkpoint_main
 
     run_dir = tmp_path / "run"
     layout = ["parallel=tp1pp1", "parallel.dp=2", "checkpoint.interval=2"]
     _run(run_dir, *layout, "train.steps=6")
     assert checkpoint_main(["verify", str(run_dir)]) == 0
-    newest = checkpoint_dir(run_dir) / "step_00000006"
-    victim = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    _damage(victim, how)
-    assert checkpoint_main(["verify", str(run_dir)]) == 1  # by hand: names it
+    root = checkpoint_dir(run_dir)
+    truncated = root / "step_00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    flipped = root / "step_00000004" / "mp_rank_00_model_states.pt"
+    _damage(truncated, "truncated")
+    _damage(flipped, "bit_flipped")  # the size is right, the bytes are not
+    assert checkpoint_main(["verify", str(run_dir)]) == 1  # by hand: names them
 
     proc = _run(run_dir, *layout, "train.steps=8")
-    warning = next(line for line in proc.stdout.splitlines() if "is damaged" in line)
-    assert "step_00000006" in warning and str(victim) in warning, warning
-    assert ("bytes, the manifest says" if how == "truncated" else "checksum") in warning
-    assert "resumed from step_00000004 at step 4" in proc.stdout
-    assert (checkpoint_dir(run_dir) / "step_00000006.damaged").is_dir()  # kept for a look
+    warnings = [line for line in proc.stdout.splitlines() if "is damaged" in line]
+    assert len(warnings) == 2, proc.stdout[-3000:]
+    assert str(truncated) in warnings[0] and "bytes, the manifest says" in warnings[0]
+    assert str(flipped) in warnings[1] and "checksum" in warnings[1]
+    assert "resumed from step_00000002 at step 2" in proc.stdout
+    for tag in ("step_00000006", "step_00000004"):
+        assert (root / f"{tag}.damaged").is_dir()  # kept for a look
     assert latest_tag(run_dir) == "step_00000008"
     steps = [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")]
-    assert steps[-4:] == [5, 6, 7, 8]
+    assert steps[-6:] == [3, 4, 5, 6, 7, 8]
 
 
 def test_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
