@@ -10,8 +10,9 @@ converted ahead of time, no rank works for the others, and a rank reads about
 its own share of the state (whole rows: a row-parallel weight moving to a
 larger tp reads full rows of the old, wider shard).
 
-Supported: from ZeRO 1, 2 (fp32, bf16, fp16 and bf16's ``BF16_Optimizer``)
-and 3, to ZeRO 0, 1, 2 or 3 of any tp, pp, dp and micro-batch size.
+Supported: from ZeRO 0 (fp32), 1, 2 (fp32, bf16, fp16 and bf16's
+``BF16_Optimizer``) and 3, to ZeRO 0, 1, 2 or 3 of any tp, pp, dp and
+micro-batch size.
 
 Training state moves with it: the step, the learning-rate schedule, the
 Adam step count and the data position as a count of samples (so the next step

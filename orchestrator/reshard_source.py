@@ -11,7 +11,10 @@ parameter group, and dp rank ``j`` holds the ``j``-th equal slice of it::
 
 Under ZeRO-3 every parameter is split on its own: dp rank ``j`` holds
 elements ``[j*P, (j+1)*P)`` of each flattened parameter (``P = ceil(n/dp)``),
-and its buffer is those pieces one after the other.
+and its buffer is those pieces one after the other. Under ZeRO-0 (fp32 only)
+the module's weights are whole tensors in the model-states (or pipeline layer)
+files and the moments whole tensors in the optimiser's state, numbered over
+its parameter groups.
 
 :class:`SourceCheckpoint` maps every parameter (Meta's name, unpadded full
 shape) to the pieces of files that hold it, from the small parts of a few
@@ -76,10 +79,10 @@ class SourceCheckpoint:
         layout = read_layout(path)
         if layout is None:
             raise UnsupportedCheckpoint(f"{path}: no layout.json; its layout is unknown")
-        if layout.zero_stage not in (1, 2, 3):
+        if layout.zero_stage not in (0, 1, 2, 3):
             raise UnsupportedCheckpoint(
                 f"{path}: saved with parallel.zero_stage={layout.zero_stage}; re-sharding reads "
-                f"the optimiser state of ZeRO 1, 2 and 3 (resume it under {layout.describe()})"
+                f"ZeRO 0-3 (resume it under {layout.describe()})"
             )
         self.path = path
         self.layout: LayoutRecord = layout
@@ -91,6 +94,7 @@ class SourceCheckpoint:
         )
         self.params: dict[str, Param] = {}  # indexed so far (lazily, by stage and tp rank)
         self._indexed: set[int] = set()
+        self._zero0: dict[tuple[str, int], tuple[str, str]] = {}  # -> (weights file, name)
         self.meta = self._meta()
 
     # -- the index ---------------------------------------------------------
@@ -114,6 +118,8 @@ class SourceCheckpoint:
         self._indexed.add(mp)
         if self.layout.zero_stage == 3:
             self._index_zero3(tp_rank)
+        elif self.layout.zero_stage == 0:
+            self._index_zero0(mp, stage, tp_rank)
         else:
             self._index_zero12(mp, tp_rank)
 
@@ -236,13 +242,67 @@ class SourceCheckpoint:
                 offset += part
                 self._add(name, tuple(shape), tp_rank, pieces)
 
+    def _index_zero0(self, mp: int, stage: int, tp_rank: int) -> None:
+        """ZeRO-0 in fp32: whole tensors; the weights are the module's, the moments the
+        optimiser's, numbered over its groups (matrices, then vectors: ``param_groups``)."""
+        states_file = f"mp_rank_{mp:02d}_model_states.pt"
+        states = self._file(states_file)
+        optimizer = states["optimizer"]
+        if set(optimizer) != {"state", "param_groups"}:
+            raise UnsupportedCheckpoint(
+                f"{self.path}: {states_file} holds a wrapped optimiser ({sorted(optimizer)}); "
+                "re-sharding reads ZeRO-0 in fp32 only"
+            )
+        weights: list[tuple[str, str, torch.Tensor]] = []  # (file, local name, tensor)
+        if states["module"] is not None:
+            weights = [(states_file, n, t) for n, t in states["module"].items()]
+        else:  # a pipeline: one file per layer of this stage, in layer order
+            for index in self._pipeline_layers(stage, tp_rank):
+                file = f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+                weights += [(file, f"{index}.{n}", t) for n, t in self._file(file).items()]
+        ordered = [w for w in weights if w[2].dim() >= 2] + [w for w in weights if w[2].dim() < 2]
+        numbered = [i for group in optimizer["param_groups"] for i in group["params"]]
+        if len(numbered) != len(ordered):
+            raise UnsupportedCheckpoint(
+                f"{self.path}: {states_file}: {len(numbered)} optimiser entries for "
+                f"{len(ordered)} parameters"
+            )
+        for index, (file, local_name, tensor) in zip(numbered, ordered, strict=True):
+            moment = optimizer["state"][index]["exp_avg"]
+            if moment.shape != tensor.shape:
+                raise UnsupportedCheckpoint(f"{self.path}: {local_name}: moments do not match")
+            self._zero0[(states_file, index)] = (
+                file,
+                local_name.split(".", 1)[1] if states["module"] is None else local_name,
+            )
+            name = global_name(local_name, self.args.n_layers, self.layout.pp)
+            piece = Piece(states_file, index, 0, 0, tensor.numel())
+            self._add(name, tuple(tensor.shape), tp_rank, [piece])
+
+    def _pipeline_layers(self, stage: int, tp_rank: int) -> list[int]:
+        """The pipeline layer indices stored for ``stage`` (0: embedding, last: the head)."""
+        first, last = self.layout.stage_layers[stage]
+        indices = list(range(first + 1, last + 2))
+        if stage == 0:
+            indices.insert(0, 0)
+        if stage == self.layout.pp - 1:
+            indices.append(last + 2)
+        return [
+            i
+            for i in indices
+            if (self.path / f"layer_{i:02d}-model_{tp_rank:02d}-model_states.pt").is_file()
+        ]
+
     def _meta(self) -> dict[str, Any]:
         states = self._file(self._states_file())
-        optim = self._optim(self.optim_file(0, 0))
-        key = "optimizer_state_dict" if self.layout.zero_stage == 3 else "base_optimizer_state"
-        base = optim[key]
+        if self.layout.zero_stage == 0:
+            adam_state = states["optimizer"]["state"][0]
+        else:
+            optim = self._optim(self.optim_file(0, 0))
+            key = "optimizer_state_dict" if self.layout.zero_stage == 3 else "base_optimizer_state"
+            adam_state = optim[key]["state"][0]
         return {
-            "adam_step": int(base["state"][0]["step"]),
+            "adam_step": int(adam_state["step"]),
             "step": int(states["step"]),
             "consumed_tokens": int(states["consumed_tokens"]),
             "position": int(states["data"]["position"]),
@@ -257,6 +317,12 @@ class SourceCheckpoint:
     # -- reading -----------------------------------------------------------
 
     def _buffer(self, file: str, key: str, group: int) -> torch.Tensor:
+        if self.layout.zero_stage == 0:  # ``group`` numbers the parameter in the optimiser
+            if key != "fp32":
+                return self._file(file)["optimizer"]["state"][group][key].flatten()
+            weights_file, local_name = self._zero0[(file, group)]
+            weights = self._file(weights_file)
+            return weights.get("module", weights)[local_name].flatten()
         optim = self._optim(file)
         if self.layout.zero_stage == 3:
             if key == "fp32":

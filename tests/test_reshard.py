@@ -120,15 +120,26 @@ def test_zero3_moves_to_a_pipeline(tmp_path: Path) -> None:
     _assert_close_to_scale(_state(moved, "step_00000006"), _state(straight, "step_00000006"), 1e-4)
 
 
-def test_reshard_command_and_unsupported_zero_stage(
+def test_zero0_moves_and_the_reshard_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = tmp_path / "run"
-    _run(run, "parallel=tp2pp1", "parallel.zero_stage=0", "train.steps=2")
-    assert reshard_main([str(run)]) == 2
+    """ZeRO-0 (whole tensors: module weights, optimiser moments by index) moves to a pipeline."""
+    z0 = ["parallel=tp2pp1", "parallel.zero_stage=0", "train.steps=6"]
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    _run(straight, *z0)
+    _run(moved, *z0, "train.exit_at_step=3")
+    assert reshard_main([str(moved)]) == 0
+    assert "step_00000003: tp2pp1dp1 zero0 mb1" in capsys.readouterr().out
+    out = _run(moved, "parallel=tp1pp2", "parallel.dp=2", "train.steps=6")
+    assert "re-sharded from tp2pp1dp1 zero0 mb1 to tp1pp2dp2 zero1 mb1" in out.stdout
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(moved / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
+    _assert_close_to_scale(_state(moved, "step_00000006"), _state(straight, "step_00000006"), 1e-4)
+
+    # a checkpoint that does not say its layout cannot move: one line, exit 2
+    (checkpoint_dir(moved) / "step_00000006" / "layout.json").unlink()
+    assert reshard_main([str(moved)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "parallel.zero_stage=0" in err and err.count("\n") == 1
-    good = tmp_path / "good"
-    _run(good, "parallel=tp2pp1", "train.steps=2")
-    assert reshard_main([str(good)]) == 0
-    assert "step_00000002: tp2pp1dp1 zero1 mb1" in capsys.readouterr().out
+    assert err.startswith("error: ") and "layout is unknown" in err and err.count("\n") == 1
