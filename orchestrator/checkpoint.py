@@ -255,9 +255,14 @@ def _raise_if_any(error: str | None, tag: str) -> None:
         raise CheckpointSaveError(f"checkpoint {tag} not saved: {error}")
 
 
+def _complete(root: Path) -> list[str]:
+    """The names of the complete checkpoint folders in ``root``, oldest first."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
 def _prune(root: Path, *, keep: int) -> None:
     """Remove all but the newest ``keep`` complete checkpoints, and stale partial ones."""
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+    complete = [root / name for name in _complete(root)]
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("*.partial"):
@@ -277,11 +282,8 @@ def find_resumable(run_dir: Path, layout: LayoutRecord | None = None) -> str | N
     candidates: list[str] = []
     if dist.get_rank() == 0 and root.is_dir():
         newest = latest_tag(run_dir)
-        complete = sorted(
-            (p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), reverse=True
-        )
         candidates = [newest] if newest else []
-        candidates += [t for t in complete if t != newest]
+        candidates += [t for t in reversed(_complete(root)) if t != newest]
     candidates = _broadcast(candidates)
     damaged: list[str] = []
     for tag in candidates:
@@ -366,11 +368,7 @@ def main(argv: list[str]) -> int:
     if not root.is_dir():
         print(f"error: run_dir={ns.run_dir}: no checkpoints folder", file=sys.stderr)
         return 2
-    tags = (
-        [ns.tag]
-        if ns.tag
-        else sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
-    )
+    tags = [ns.tag] if ns.tag else _complete(root)
     if ns.tag and not (root / ns.tag).is_dir():
         print(f"error: --tag={ns.tag}: no such checkpoint in {root}", file=sys.stderr)
         return 2

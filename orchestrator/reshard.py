@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from model_parallel.layers import is_sharded
-from model_parallel.mappings import group_rank, group_size
+from model_parallel.mappings import group_rank
 from orchestrator.checkpoint import TrainingState
 from orchestrator.reshard_source import KEYS, SourceCheckpoint, UnsupportedCheckpoint
 from orchestrator.weights import global_name
@@ -53,7 +53,6 @@ class _Local:
         tp_rank: int,
     ) -> None:
         self.source, self.name, self.dim, self.tp_rank = source, name, dim, tp_rank
-        self.shape = shape
         self.rows, self.cols = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
         self.numel = math.prod(shape)
 
@@ -183,7 +182,6 @@ def load_resharded(
             f"micro_batch_size({micro_batch}) * dp({dp}) micro-batches"
         )
     tp_rank = group_rank(tp_group)
-    assert group_size(tp_group) >= 1
     local = _locals(engine, source, n_layers=args.n_layers, pp=pp, tp_rank=tp_rank)
     zero, adam_step = engine.optimizer, source.meta["adam_step"]
     with torch.no_grad():

@@ -27,7 +27,6 @@ file is loaded whole; a reader holds at most the rectangle it was asked for.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +65,8 @@ class Param:
 
 
 class UnsupportedCheckpoint(ValueError):
-    """The checkpoint cannot be re-sharded (its layout is unknown, or ZeRO-0)."""
-
-
-_ZERO_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+    """The checkpoint cannot be re-sharded (its layout is unknown, or its files are not
+    laid out as this reader expects)."""
 
 
 class SourceCheckpoint:
@@ -201,9 +198,9 @@ class SourceCheckpoint:
                 name = global_name(local_name, self.args.n_layers, self.layout.pp)
                 self._add(name, tuple(shape), tp_rank, pieces)
                 offset += numel
-        self._check_against_mappings(mp, first, shapes)
+        self._check_against_mappings(mp, first)
 
-    def _check_against_mappings(self, mp: int, first: dict[str, Any], shapes: list[Any]) -> None:
+    def _check_against_mappings(self, mp: int, first: dict[str, Any]) -> None:
         """DeepSpeed records dp rank 0's fragments: they must be where we computed them."""
         for group, mapping in enumerate(first["param_slice_mappings"]):
             for local_name, addr in mapping.items():
@@ -220,7 +217,6 @@ class SourceCheckpoint:
                         f"{self.path}: {name} is at {addr} in {self.optim_file(0, mp)}, not at "
                         f"{piece}: this DeepSpeed flattens parameters differently"
                     )
-        del shapes
 
     def _index_zero3(self, tp_rank: int) -> None:
         """ZeRO-3: each flattened parameter in dp slices of ``ceil(n / dp)``."""
@@ -335,9 +331,20 @@ class SourceCheckpoint:
     def _shard_flat(
         self, param: Param, tp_rank: int, key: str, start: int, end: int
     ) -> torch.Tensor:
-        """Elements ``[start, end)`` of source tp shard ``tp_rank``, flattened."""
+        """Elements ``[start, end)`` of source tp shard ``tp_rank``, flattened.
+
+        A range inside one piece is a view of the memory-mapped file (the caller's
+        copy is the read); one across pieces is gathered into a new tensor.
+        """
+        pieces = self._shard(param, tp_rank)
+        for piece in pieces:
+            if piece.start <= start and end <= piece.start + piece.numel:
+                buffer = self._buffer(piece.file, key, piece.group)
+                self.bytes_read += (end - start) * buffer.element_size()
+                at = piece.offset + start - piece.start
+                return buffer.detach()[at : at + end - start]
         out = torch.empty(end - start, dtype=torch.float32)
-        for piece in self._shard(param, tp_rank):
+        for piece in pieces:
             lo, hi = max(start, piece.start), min(end, piece.start + piece.numel)
             if lo >= hi:
                 continue

@@ -105,6 +105,16 @@ def test_bf16_pipeline_moves_to_tensor_parallel(tmp_path: Path) -> None:
     _assert_close_to_scale(_state(moved, "step_00000010"), _state(straight, "step_00000010"), 0.05)
 
 
+def _assert_continues(straight: Path, moved: Path, *, steps: int) -> None:
+    """The moved fp32 run has the straight run's losses and, at the end, its state."""
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(moved / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
+    tag = f"step_{steps:08d}"
+    _assert_close_to_scale(_state(moved, tag), _state(straight, tag), 1e-4)
+
+
 def test_zero3_moves_to_a_pipeline(tmp_path: Path) -> None:
     z3 = ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=3"]
     pipe = ["parallel=tp2pp2", "parallel.dp=1"]
@@ -113,11 +123,7 @@ def test_zero3_moves_to_a_pipeline(tmp_path: Path) -> None:
     _run(moved, *z3, "train.steps=6", "train.exit_at_step=3")
     out = _run(moved, *pipe, "train.steps=6")
     assert "re-sharded from tp1pp1dp2 zero3 mb1 to tp2pp2dp1 zero1 mb1" in out.stdout
-    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(moved / "metrics.jsonl")
-    assert [m["step"] for m in b] == list(range(1, 7))
-    for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
-    _assert_close_to_scale(_state(moved, "step_00000006"), _state(straight, "step_00000006"), 1e-4)
+    _assert_continues(straight, moved, steps=6)
 
 
 def test_zero0_moves_and_the_reshard_command(
@@ -132,11 +138,7 @@ def test_zero0_moves_and_the_reshard_command(
     assert "step_00000003: tp2pp1dp1 zero0 mb1" in capsys.readouterr().out
     out = _run(moved, "parallel=tp1pp2", "parallel.dp=2", "train.steps=6")
     assert "re-sharded from tp2pp1dp1 zero0 mb1 to tp1pp2dp2 zero1 mb1" in out.stdout
-    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(moved / "metrics.jsonl")
-    assert [m["step"] for m in b] == list(range(1, 7))
-    for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
-    _assert_close_to_scale(_state(moved, "step_00000006"), _state(straight, "step_00000006"), 1e-4)
+    _assert_continues(straight, moved, steps=6)
 
     # a checkpoint that does not say its layout cannot move: one line, exit 2
     (checkpoint_dir(moved) / "step_00000006" / "layout.json").unlink()
