@@ -107,15 +107,18 @@ def main(cfg: DictConfig) -> int:
         return EXIT_BAD_CONFIG
     if script is not None and not config.dry_run:
         return _submit(config, plan, script)  # prints the plan once submitted
-    if env is None or env.rank == 0:
-        print(format_plan(plan, config), flush=True)
     if launcher == "dry_run":
+        print(format_plan(plan, config), flush=True)
         print("dry run: config and layout are valid; nothing launched")
         return 0
+    # A run's plan is in the banner rank 0 prints once it has started.
     if env is not None:
         return _run_as_rank(config, plan, env.rank)
     run_dir = prepare_run_dir(config, plan)
-    print(f"run directory: {run_dir}", flush=True)
+    print(
+        f"run directory: {run_dir} ({plan.world_size} local workers; rank logs in {run_dir}/logs)",
+        flush=True,
+    )
     return run_local(run_dir, plan.world_size)
 
 

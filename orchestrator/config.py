@@ -40,6 +40,7 @@ from orchestrator.config_rules import (
     positive,
     positive_float,
 )
+from orchestrator.startup import STARTUP_PHASES
 
 # The sections and choices defined beside this module, importable from here as before.
 __all__ = [
@@ -306,6 +307,10 @@ class FaultsConfig:
     """Hangs and bad steps (see ``orchestrator.faults``)."""
 
     hang_timeout_s: float = 900.0  # a rank without progress this long ends the job
+    # A rank in one start-up phase this long ends the job (orchestrator.startup): sized for
+    # 2,048 ranks joining, a whole-run index build and a re-sharded 65B checkpoint load.
+    startup_timeout_s: float = 1800.0
+    heartbeat_interval_s: float = 5.0  # training beats at most this often (one file per rank)
     max_consecutive_skips: int = 5  # NaN/Inf steps in a row before rolling back
     spike_factor: float = 0.0  # roll back when loss > factor x recent mean; 0: off
     spike_window: int = 50  # good steps in that mean
@@ -317,9 +322,20 @@ class FaultsConfig:
     # Testing aid: this rank sleeps inject_slow_s at the start of every step (a straggler).
     inject_slow_rank: int | None = None
     inject_slow_s: float = 0.0
+    # Testing aid: this rank stops for good when it enters start-up phase inject_stall_phase.
+    inject_stall_rank: int | None = None
+    inject_stall_phase: str = "data indexes"
 
     def validate(self) -> None:
         positive_float("faults.hang_timeout_s", self.hang_timeout_s)
+        positive_float("faults.startup_timeout_s", self.startup_timeout_s)
+        positive_float("faults.heartbeat_interval_s", self.heartbeat_interval_s)
+        if self.inject_stall_phase not in STARTUP_PHASES:
+            raise fail(
+                "faults.inject_stall_phase",
+                self.inject_stall_phase,
+                f"must be a start-up phase: {', '.join(STARTUP_PHASES)}",
+            )
         positive("faults.max_consecutive_skips", self.max_consecutive_skips)
         if self.spike_factor != 0 and self.spike_factor <= 1:
             raise fail("faults.spike_factor", self.spike_factor, "must be 0 (off) or > 1")

@@ -477,3 +477,15 @@ def child_env(base: Mapping[str, str], *, rank: int, world_size: int, port: int)
         )
     )
     return env
+
+
+# The local launcher gives rank 0 a second pipe, the console: our own log lines
+# go there as well as to the rank log, so the terminal shows the banner and the
+# progress lines without DeepSpeed's and torch's messages (those stay in the log).
+CONSOLE_FD_VAR = "ORCHESTRATOR_CONSOLE_FD"
+
+
+def console_fd(environ: Mapping[str, str] | None = None) -> int | None:
+    """The console pipe's file descriptor, when a local launcher gave this rank one."""
+    value = (os.environ if environ is None else environ).get(CONSOLE_FD_VAR, "")
+    return int(value) if value.isdigit() else None

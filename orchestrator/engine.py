@@ -203,9 +203,19 @@ def grad_norm(model: nn.Module, groups: ProcessGroups) -> float:
 
 
 def init_deepspeed_comm() -> None:
-    """Point deepspeed.comm at the torch process group we already initialised."""
-    import deepspeed
+    """Point deepspeed.comm at the torch process group we already initialised.
 
+    Without building DeepSpeed's CPU shared-memory comm op: DeepSpeed JIT-builds
+    it here on a CPU (a minute on the first start, under a ``lock`` file in
+    torch's extension folder that a run killed mid-build leaves behind, and on
+    which every later start then waits forever), yet only its inference
+    all-reduce uses it; training goes through torch.distributed. Marked
+    incompatible, it is neither built nor loaded, and no lock is taken.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(
         dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False
     )

@@ -5,12 +5,18 @@ before preemption. The handler only records the request; at the end of the
 current step all ranks agree (one all-reduce), write a checkpoint and exit
 with ``EXIT_REQUEUE`` so the launcher can requeue the job. A second signal
 while saving changes nothing: the request is already recorded, and the save
-is atomic anyway.
+is atomic anyway. (In start-up, before the first step, a signal ends the rank
+at once: ``orchestrator.startup``.)
 
-Each rank also writes a heartbeat per step and runs a watchdog: a rank that
-makes no progress for ``faults.hang_timeout_s`` (a stopped or dead peer, a
-collective that never completes) exits naming what it waited in and which
-ranks fell behind, so the job fails in minutes instead of hanging for hours.
+Each rank writes a heartbeat (at most every ``faults.heartbeat_interval_s``
+in training, at once on any other phase change) and runs a watchdog from
+process start: a rank that stays in one start-up phase longer than
+``faults.startup_timeout_s``, or makes no progress in training for
+``faults.hang_timeout_s`` (a stopped or dead peer, a collective that never
+completes), exits naming what it waited in; rank 0 alone reads every
+heartbeat to name the ranks that fell behind, so a hang of 2,048 ranks costs
+2,048 reads, not 2,048 squared. The job fails in minutes instead of hanging
+for hours.
 """
 
 from __future__ import annotations
@@ -32,22 +38,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# EX_TEMPFAIL from sysexits.h: "temporary failure, try again" -- requeue.
-EXIT_REQUEUE = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+from orchestrator.startup import EXIT_REQUEUE as EXIT_REQUEUE
+from orchestrator.startup import STOP_SIGNALS as STOP_SIGNALS
+from orchestrator.startup import startup_order
+
 EXIT_HANG = 3
 # A checkpoint could not be written (disk full, permission, I/O error): not requeued.
 EXIT_SAVE_FAILED = 4
+_TRAINING = "training step"  # the phase prefix whose beats are rate-limited
 
 
 class StopRequest:
-    """Records SIGUSR1/SIGTERM; ``agreed()`` tells every rank whether any rank got one."""
+    """Records SIGUSR1/SIGTERM; ``agreed()`` tells every rank whether any rank got one.
+
+    Made when training begins: until then ``startup.StartupSignals`` holds the
+    signals (blocked), and one that arrived as start-up ended lands here.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
-        # The worker blocks them until now: one that arrived during start-up lands here.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -77,62 +88,146 @@ class Heartbeat:
     """``RUN_DIR/heartbeats/rank_N.json``: this rank's last step, phase and time.
 
     Also what ``note`` last recorded: the mean of the recent step times
-    (``step_time_s``) and the peak memory (``peak_mem_gb``), from which
-    ``orchestrator.status`` finds stragglers. The last beat of a rank that ended
-    normally has the phase ``exited``.
+    (``step_time_s``), busy time and peak memory, from which
+    ``orchestrator.status`` finds stragglers, and ``phase_since``, when the
+    current phase began. The last beat of a rank that ended normally has the
+    phase ``exited``.
+
+    Beats in training (phase ``training step N``) are written at most every
+    ``interval_s``; the latest one waits in memory and ``flush_due`` (the
+    watchdog's tick) writes it once the interval has passed, so the file lags
+    the rank by at most ``interval_s`` plus a tick. Any other phase change is
+    written at once.
     """
 
-    def __init__(self, run_dir: Path, rank: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, *, interval_s: float = 5.0) -> None:
         self.dir = run_dir / "heartbeats"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"rank_{rank}.json"
         self.rank = rank
+        self.interval_s = interval_s
         self.extra: dict[str, float] = {}
+        self.phase_since = time.time()
+        self.writes = 0
+        self._kind: str | None = None
+        self._pending: dict[str, Any] | None = None
+        self._written_at = -math.inf
+        self._lock = threading.Lock()
 
     def note(self, **fields: float) -> None:
         """Fields carried by the next beats (e.g. ``step_time_s``, ``peak_mem_gb``)."""
         self.extra.update(fields)
 
     def beat(self, step: int, phase: str) -> None:
+        kind = _TRAINING if phase.startswith(_TRAINING) else phase
+        now = time.time()
+        changed = kind != self._kind
+        if changed:
+            self._kind, self.phase_since = kind, now
         record = {
             "rank": self.rank,
             "step": step,
             "phase": phase,
-            "time": time.time(),
+            "time": now,
+            "phase_since": self.phase_since,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             **self.extra,
         }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        with self._lock:
+            self._pending = record
+            if changed or time.monotonic() - self._written_at >= self.interval_s:
+                self._write()
 
-    def laggards(self) -> list[dict[str, Any]]:
-        """The ranks whose heartbeat shows the lowest step (the likely culprits of a hang)."""
-        beats = []
-        for f in self.dir.glob("rank_*.json"):
-            try:
-                beats.append(json.loads(f.read_text()))
-            except (OSError, ValueError):
-                continue
-        if not beats:
-            return []
-        lowest = min(b["step"] for b in beats)
-        return sorted((b for b in beats if b["step"] == lowest), key=lambda b: b["rank"])
+    def flush_due(self) -> None:
+        """Write the beat held back by the rate limit once its interval has passed."""
+        with self._lock:
+            if self._pending and time.monotonic() - self._written_at >= self.interval_s:
+                self._pending["time"] = time.time()
+                self._write()
+
+    def _write(self) -> None:
+        assert self._pending is not None
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._pending))
+        os.replace(tmp, self.path)
+        self._pending, self._written_at = None, time.monotonic()
+        self.writes += 1
+
+    def laggards(self, *, world_size: int, since: float) -> tuple[list[dict[str, Any]], list[int]]:
+        return laggards(self.dir, world_size=world_size, since=since)
+
+
+def laggards(
+    beat_dir: Path, *, world_size: int, since: float
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The ranks furthest behind (the likely culprits of a hang), and ranks with no beat.
+
+    Furthest behind: the earliest start-up phase, else the lowest step. A beat
+    older than ``since`` (a unix time) is a previous start's: that rank has not
+    written one in this start.
+    """
+    beats = {}
+    for f in beat_dir.glob("rank_*.json"):
+        try:
+            b = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if float(b.get("time", 0)) >= since:
+            beats[int(b["rank"])] = b
+    missing = [r for r in range(world_size) if r not in beats]
+    if not beats:
+        return [], missing
+    lowest = min(_progress_key(b) for b in beats.values())
+    behind = [b for r, b in sorted(beats.items()) if _progress_key(b) == lowest]
+    return behind, missing
+
+
+def describe_laggards(behind: list[dict[str, Any]], missing: list[int], *, skip: int = -1) -> str:
+    """``furthest behind: rank 2 (host, step 0, phase), ...; no heartbeat from ...``."""
+    shown = [b for b in behind if b["rank"] != skip]
+    named = ", ".join(
+        f"rank {b['rank']} ({b.get('host', '?')}, step {b['step']}, {b['phase']})"
+        for b in shown[:8]
+    )
+    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+    text = f"furthest behind: {named + more or 'none seen'}"
+    if missing:
+        text += f"; no heartbeat from {len(missing)} rank(s): "
+        text += ", ".join(str(r) for r in missing[:8]) + (" ..." if len(missing) > 8 else "")
+    return text
+
+
+def _progress_key(beat: dict[str, Any]) -> tuple[int, int]:
+    order = startup_order(str(beat.get("phase", "")))
+    return (0, order) if order is not None else (1, int(beat["step"]))
 
 
 class Watchdog:
-    """Ends this rank when it makes no progress for ``timeout_s`` (a hung peer or collective).
+    """Ends this rank when it is stuck: in one start-up phase, or without training progress.
 
-    The message names what this rank was doing and, from the heartbeats, the
-    ranks that fell behind; the exit makes the launcher stop the whole job
-    instead of leaving it hanging for hours.
+    From process start to the end of the first step (``end_startup``) the
+    limit is ``startup_timeout_s`` per phase; then ``timeout_s`` between
+    calls of ``progress``. The message names the phase, this rank and,
+    on the ``reporter`` rank, the ranks that fell behind; the exit makes the
+    launcher stop the whole job instead of leaving it hanging for hours.
     """
 
-    def __init__(self, heartbeat: Heartbeat, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        heartbeat: Heartbeat,
+        *,
+        timeout_s: float,
+        startup_timeout_s: float,
+        world_size: int,
+        reporter: bool,
+    ) -> None:
         self.heartbeat = heartbeat
-        self.timeout_s = timeout_s
-        self.step, self.phase = 0, "start-up"
+        self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
+        self.world_size, self.reporter = world_size, reporter
+        self.step, self.phase = 0, "start-up: process start"
+        self.in_startup = True
+        self.started_at = time.time()
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
@@ -142,29 +237,43 @@ class Watchdog:
         return self
 
     def progress(self, step: int, phase: str) -> None:
+        """Entering ``phase`` (a start-up phase, a training step, a save...): the clock restarts."""
         self.step, self.phase, self._last = step, phase, time.monotonic()
         self.heartbeat.beat(step, phase)
+
+    def end_startup(self) -> None:
+        self.in_startup = False
 
     def stop(self) -> None:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+        while not self._stop.wait(min(1.0, self.timeout_s / 4, self.startup_timeout_s / 4)):
+            self.heartbeat.flush_due()
+            limit = self.startup_timeout_s if self.in_startup else self.timeout_s
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
-                behind = ", ".join(
-                    f"rank {b['rank']} ({b['host']}, step {b['step']}, {b['phase']})"
-                    for b in self.heartbeat.laggards()
-                    if b["rank"] != self.heartbeat.rank
-                )
-                print(
-                    f"HangError: rank {self.heartbeat.rank} made no progress for {idle:.0f}s "
-                    f"(faults.hang_timeout_s={self.timeout_s:g}) in {self.phase} at step "
-                    f"{self.step}; furthest behind: {behind or 'none seen'}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            if idle > limit:
+                print(self._message(idle), file=sys.stderr, flush=True)
                 os._exit(EXIT_HANG)
+
+    def _message(self, idle: float) -> str:
+        rank = self.heartbeat.rank
+        if self.in_startup:
+            head = (
+                f"StartupTimeoutError: rank {rank} spent {idle:.0f}s in {self.phase!r} "
+                f"(faults.startup_timeout_s={self.startup_timeout_s:g})"
+            )
+        else:
+            head = (
+                f"HangError: rank {rank} made no progress for {idle:.0f}s "
+                f"(faults.hang_timeout_s={self.timeout_s:g}) in {self.phase} at step {self.step}"
+            )
+        if not self.reporter:
+            return f"{head}; rank 0 names the ranks behind"
+        behind, missing = self.heartbeat.laggards(
+            world_size=self.world_size, since=self.started_at - 60
+        )
+        return f"{head}; {describe_laggards(behind, missing, skip=rank)}"
 
 
 @dataclass

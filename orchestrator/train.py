@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,7 @@ from orchestrator.commwait import CommWaitClock
 from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
-from orchestrator.dist_env import init_process_group, read_env
+from orchestrator.dist_env import console_fd, init_process_group, read_env
 from orchestrator.faults import (
     EXIT_REQUEUE,
     EXIT_SAVE_FAILED,
@@ -46,23 +48,48 @@ from orchestrator.faults import (
 )
 from orchestrator.monitor import Monitor, banner, loss_scale
 from orchestrator.plan import Plan, resolve_plan
+from orchestrator.startup import StartupSignals, phase_label
 from orchestrator.weights import read_pretrained
 
 log = logging.getLogger("orchestrator.train")
 
 
-def train(cfg: Config, run_dir: Path) -> int:
-    """Train one rank; returns the exit code (0, or ``EXIT_REQUEUE`` after a stop signal)."""
-    stop = StopRequest()  # first: a signal during start-up is honoured at the first step
+def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) -> int:
+    """Train one rank; returns the exit code (0, or ``EXIT_REQUEUE`` after a stop signal).
+
+    ``signals``: the worker's ``StartupSignals``, started before torch was
+    imported; else they are taken from here on.
+    """
+    signals = signals or StartupSignals().start()
     env = read_env()
+    _setup_logging(env.rank)
+    signals.who = f"rank {env.rank}"
+    heartbeat = Heartbeat(run_dir, env.rank, interval_s=cfg.faults.heartbeat_interval_s)
+    watchdog = Watchdog(
+        heartbeat,
+        timeout_s=cfg.faults.hang_timeout_s,
+        startup_timeout_s=cfg.faults.startup_timeout_s,
+        world_size=env.world_size,
+        reporter=env.rank == 0,
+    ).start()
+
+    def enter(phase: str, step: int = 0) -> None:
+        """The next start-up phase: in the heartbeat, under the watchdog's start-up limit."""
+        signals.phase = phase
+        watchdog.progress(step, phase_label(phase))
+        if env.rank == cfg.faults.inject_stall_rank and phase == cfg.faults.inject_stall_phase:
+            threading.Event().wait()  # a testing aid: stuck here for good
+
+    enter("rendezvous")
     # Collectives time out well after the watchdog, so its clearer message comes first.
     device = init_process_group(env, timeout_s=2 * cfg.faults.hang_timeout_s)
+    enter("deepspeed comm")
     ds_engine.init_deepspeed_comm()
-    _setup_logging(env.rank)
     plan = resolve_plan(cfg)
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
     _seed_everything(cfg.train.seed)
 
+    enter("data indexes")
     data, valid_data = build_sources(
         cfg,
         seq_len=plan.seq_len,
@@ -71,27 +98,31 @@ def train(cfg: Config, run_dir: Path) -> int:
         global_batch=plan.global_batch_size,
         micro_batch=plan.micro_batch_size,
     )
+    enter("model build")
     model = build_model(cfg, plan, groups)
     if cfg.model.init_from and checkpoint.latest_tag(run_dir) is None:
+        enter("pretrained weights")
         _load_pretrained(model, cfg)
     model = model.to(device)
+    enter("engine")
     engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
     layout = checkpoint.LayoutRecord.from_plan(plan)
+    enter("checkpoint search")
     tag = checkpoint.find_resumable(run_dir, layout) if cfg.run.resume == "auto" else None
-    start_step = 0 if tag is None else _restore(engine, cfg, plan, groups, run_dir, tag, data)
+    start_step = 0
+    if tag is not None:
+        enter("re-shard" if _needs_reshard(run_dir, tag, layout) else "checkpoint load")
+        start_step = _restore(engine, cfg, plan, groups, run_dir, tag, data)
     if env.rank == 0:
         resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
         log.info("\n%s", banner(cfg, plan, run_dir, resume=resume_point))
-    heartbeat = Heartbeat(run_dir, env.rank)
-    watchdog = Watchdog(heartbeat, timeout_s=cfg.faults.hang_timeout_s)
-    watchdog.start().progress(start_step, "first step")
     monitor = Monitor(cfg, plan, run_dir, rank=env.rank, device=device, heartbeat=heartbeat)
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int, phase: str = "evaluation") -> None:
         interval = cfg.train.eval_interval
         if valid_data is None or not interval or (step % interval and step != cfg.train.steps):
             return
-        watchdog.progress(step, "evaluation")
+        watchdog.progress(step, phase)
         loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
         monitor.eval_done(step, loss)
 
@@ -110,11 +141,15 @@ def train(cfg: Config, run_dir: Path) -> int:
     )
     stopping = save_failed = False
     if start_step == 0:
-        evaluate(0)
+        evaluate(0, phase_label("first evaluation"))
     step = start_step
+    enter("first step", step)  # compiling, the first pass of every collective
+    signals.stop()
+    stop = StopRequest()  # from now on a stop signal is honoured at the end of a step
     comm_wait = CommWaitClock().install()  # busy = step - waits: the straggler signal
     while step < cfg.train.steps:
-        watchdog.progress(step, f"training step {step + 1}")
+        if not watchdog.in_startup:
+            watchdog.progress(step, f"training step {step + 1}")
         start, waited_before = time.perf_counter(), comm_wait.total
         if env.rank == cfg.faults.inject_slow_rank:
             time.sleep(cfg.faults.inject_slow_s)  # a testing aid: a straggler
@@ -132,6 +167,7 @@ def train(cfg: Config, run_dir: Path) -> int:
                 factor = 1000.0
             loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, factor)
         elapsed = time.perf_counter() - start
+        watchdog.end_startup()
         waited = comm_wait.total - waited_before
         done = step + 1
         verdict = guard.observe(loss, skipped=engine.skipped_steps > skips_before)
@@ -204,6 +240,12 @@ def _load_pretrained(model: torch.nn.Module, cfg: Config) -> None:
         assert isinstance(model, Transformer)
         model.load_full_state_dict(state)
     log.info("initialised from %s", cfg.model.init_from)
+
+
+def _needs_reshard(run_dir: Path, tag: str, layout: checkpoint.LayoutRecord) -> bool:
+    """Whether checkpoint ``tag`` was written by another layout (``_restore`` re-shards it)."""
+    saved = checkpoint.read_layout(checkpoint.checkpoint_dir(run_dir) / tag)
+    return saved is not None and saved != layout
 
 
 def _consumed_tokens(data: MicroBatchSource, plan: Plan) -> int:
@@ -399,14 +441,20 @@ def _seed_everything(seed: int) -> None:
 
 
 def _setup_logging(rank: int) -> None:
-    """Every line carries the date and time, the rank and the node."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s [rank {rank} {socket.gethostname()}] %(levelname)s %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        force=True,
-    )
+    """Every line carries the date and time, the rank and the node.
+
+    All goes to the rank's log (stdout); our own lines also to the console
+    pipe when the local launcher gave one (``dist_env.console_fd``).
+    """
+    fmt = f"%(asctime)s [rank {rank} {socket.gethostname()}] %(levelname)s %(message)s"
+    datefmt = "%Y-%m-%d %H:%M:%S"
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt=datefmt, force=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    fd = console_fd()
+    if fd is not None:
+        console = logging.StreamHandler(os.fdopen(fd, "w", buffering=1, errors="replace"))
+        console.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
+        logging.getLogger("orchestrator").addHandler(console)
 
 
 def _shutdown(engine: Any) -> None:

@@ -11,13 +11,14 @@ import signal
 import sys
 from pathlib import Path
 
-# A stop signal (SIGUSR1/SIGTERM: SLURM's time limit, scancel) that arrives in
-# the seconds torch and DeepSpeed take to import would kill this rank. Hold it
-# until train() installs its handler; StopRequest unblocks it then.
+# A stop signal (SIGUSR1/SIGTERM: SLURM's time limit, scancel) must not kill
+# this rank with Python's default action before we look at it: hold it (it
+# stays pending, across the tcmalloc re-exec too) until StartupSignals takes it.
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
 
 from orchestrator import cpu_allocator  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.startup import StartupSignals  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -33,11 +34,13 @@ def main(argv: list[str]) -> int:
         return 2
     if env is not None:  # before torch is imported: start again with tcmalloc preloaded
         os.execve(sys.executable, [sys.executable, "-m", "orchestrator.worker", *argv], env)
-    # Imported after the re-exec decision: torch and DeepSpeed take seconds.
+    # From here a stop signal ends the rank at once (requeue), even inside the
+    # seconds torch and DeepSpeed take to import, until training begins.
+    signals = StartupSignals().start()
     from orchestrator.faults import ignore_stop_signals
     from orchestrator.train import train
 
-    code = train(config, run_dir)
+    code = train(config, run_dir, signals=signals)
     ignore_stop_signals()
     return code
 
