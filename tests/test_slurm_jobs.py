@@ -130,6 +130,37 @@ def test_usr1_checkpoints_requeues_and_finishes(
     _assert_same_losses(read_metrics(run_dir / "metrics.jsonl"), reference)
 
 
+def test_usr1_in_startup_requeues_within_seconds(
+    slurm_cluster: SlurmCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Rank 3 sits in start-up (a testing aid; the others wait for it in a collective)."""
+    run_dir = tmp_path / "run"
+    script = _render(
+        run_dir,
+        "train.steps=20",
+        "faults.inject_stall_rank=3",
+        "faults.inject_stall_phase=engine",
+        "faults.startup_timeout_s=600",
+    )
+    job = slurm_cluster.submit(script, cwd=REPO)
+    beat = run_dir / "heartbeats" / "rank_3.json"
+    deadline = time.monotonic() + 180
+    while not (beat.exists() and "start-up: engine" in beat.read_text()):
+        assert time.monotonic() < deadline, "rank 3 never reached the engine phase"
+        time.sleep(0.2)
+    signalled = time.monotonic()
+    slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
+    while slurm_cluster.job_info(job).get("Restarts", "0") == "0":
+        assert time.monotonic() - signalled < 60, slurm_cluster.job_info(job)
+        time.sleep(0.5)
+    slurm_cluster.run(["scancel", str(job)])  # the requeued start would stall again
+    slurm_cluster.wait_job(job, timeout_s=120)
+    log = (run_dir / "logs" / "rank_3.log").read_text()
+    assert "StopInStartup: rank 3 got SIGUSR1 in start-up phase 'engine'" in log, log[-3000:]
+    assert latest_tag(run_dir) is None  # nothing was saved: there was nothing to save
+
+
 def test_scancel_leaves_a_loadable_checkpoint(
     slurm_cluster: SlurmCluster,  # noqa: F811
     tmp_path: Path,
