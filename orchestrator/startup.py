@@ -73,6 +73,10 @@ class StartupSignals:
         self._thread = threading.Thread(target=self._run, name="startup-signals", daemon=True)
 
     def start(self) -> StartupSignals:
+        # Threads started before this one (when a process other than the worker
+        # calls us late) may not block the signals; the handler covers them.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, _frame: self._exit(signum))
         signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
         self._thread.start()
         return self
@@ -95,11 +99,14 @@ class StartupSignals:
             if self._done.is_set():  # start-up just ended: the training loop's handler takes it
                 os.kill(os.getpid(), info.si_signo)
                 return
-            name = signal.Signals(info.si_signo).name
-            print(
-                f"StopInStartup: {self.who} got {name} in start-up phase '{self.phase}': "
-                f"nothing to save yet, exiting {EXIT_REQUEUE} (requeue)",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(EXIT_REQUEUE)
+            self._exit(info.si_signo)
+
+    def _exit(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        print(
+            f"StopInStartup: {self.who} got {name} in start-up phase '{self.phase}': "
+            f"nothing to save yet, exiting {EXIT_REQUEUE} (requeue)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_REQUEUE)
