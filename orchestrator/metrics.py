@@ -12,6 +12,7 @@ import json
 import math
 import resource
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -135,3 +136,100 @@ def read_metrics(path: Path, *, kind: str = "train") -> list[dict[str, Any]]:
             continue
     key = "valid_loss" if kind == "valid" else "loss"
     return [r for r in records if key in r]
+
+
+METRICS_TAIL_BYTES = 64 * 1024  # the first window read back from the end of metrics.jsonl
+
+
+class MetricsTail:
+    """The last training and the last validation record of ``metrics.jsonl``, read from its end.
+
+    The first ``refresh`` reads windows back from the end (each twice the last) until
+    it has found both or reached the start of the file, so a run of many steps costs
+    a few of its last rows, not all of them. Later calls read only the lines appended
+    since; a file that shrank or was replaced is read anew. A last line still being
+    written (no newline yet) is left for the next call, as ``read_metrics`` leaves it out.
+    """
+
+    def __init__(self, path: Path, *, window: int = METRICS_TAIL_BYTES) -> None:
+        self.path = path
+        self.window = window
+        self.train: dict[str, Any] | None = None
+        self.valid: dict[str, Any] | None = None
+        self._ident: tuple[int, int] | None = None
+        self._offset = 0  # the end of the last complete line read
+
+    def refresh(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.train, self.valid, self._ident = None, None, None
+            return
+        ident = (st.st_dev, st.st_ino)
+        with self.path.open("rb") as f:
+            if ident != self._ident or st.st_size < self._offset:
+                self.train = self.valid = None
+                self._ident = ident
+                self._read_back(f, st.st_size)
+            elif st.st_size > self._offset:
+                self._read_on(f, st.st_size)
+
+    def _read_back(self, f: IO[bytes], size: int) -> None:
+        hi, window, carry = size, self.window, b""
+        end: int | None = None  # of the last complete line, once found
+        while hi > 0 and (self.train is None or self.valid is None):
+            lo = max(0, hi - window)
+            f.seek(lo)
+            data = f.read(hi - lo) + carry
+            if end is None:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0 and lo > 0:  # all of it belongs to a line still being written
+                    hi, window, carry = lo, 2 * window, data
+                    continue
+                end, data = lo + cut, data[:cut]
+            lines = data.split(b"\n")
+            carry = lines.pop(0) if lo > 0 else b""  # the rest of it is in the next window
+            train, valid = _newest(
+                reversed(lines), need_train=self.train is None, need_valid=self.valid is None
+            )
+            self.train = self.train or train
+            self.valid = self.valid or valid
+            hi, window = lo, 2 * window
+        self._offset = end or 0
+
+    def _read_on(self, f: IO[bytes], size: int) -> None:
+        f.seek(self._offset)
+        data = f.read(size - self._offset)
+        cut = data.rfind(b"\n") + 1
+        self._offset += cut
+        train, valid = _newest(reversed(data[:cut].split(b"\n")))
+        self.train = train or self.train
+        self.valid = valid or self.valid
+
+
+def _newest(
+    lines: Iterable[bytes], *, need_train: bool = True, need_valid: bool = True
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The first training and validation records among ``lines`` (newest first).
+
+    Only lines that hold the key looked for are parsed (``json.dumps`` writes it quoted).
+    """
+    train: dict[str, Any] | None = None
+    valid: dict[str, Any] | None = None
+    for line in lines:
+        want_train = need_train and train is None and b'"loss"' in line
+        want_valid = need_valid and valid is None and b'"valid_loss"' in line
+        if want_train or want_valid:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if want_train and "loss" in record:
+                train = record
+            if want_valid and "valid_loss" in record:
+                valid = record
+        if (train is not None or not need_train) and (valid is not None or not need_valid):
+            break
+    return train, valid

@@ -12,6 +12,10 @@ from orchestrator.metrics import format_duration, read_metrics
 if TYPE_CHECKING:  # status.py imports this module
     from orchestrator.status import RankBeat, RunStatus
 
+STARTUP_PHASE = "start-up"  # the phases of a rank before its first step: "start-up: rendezvous"
+NAMED_RANKS = 8  # ranks named in the start-up line's smallest group
+LISTED = 16  # hang suspects or stragglers listed, then a count of the rest
+
 
 def progress_bar(step: int, total: int, width: int = 30) -> str:
     frac = min(1.0, step / total) if total else 0.0
@@ -51,24 +55,55 @@ def render(s: RunStatus) -> str:
         top = max(memory, key=lambda b: b.peak_mem_gb or 0.0)
         beats += f"; peak memory {top.peak_mem_gb:.2f}GB (rank {top.rank}, the most)"
     lines.append(beats)
-    if s.stale:
-        lines.append("hang suspects:")
-        lines += [
-            f"  rank {b.rank} ({b.host}, pid {b.pid}): no heartbeat for {b.age_s:.0f}s, "
-            f"in {b.phase} at step {b.step}{_gone(b)}"
-            for b in s.stale
-        ]
-    else:
-        lines.append("hang suspects: none")
-    if s.stragglers:
-        lines += ["stragglers:", *(f"  {text}" for text in s.stragglers)]
-    else:
-        lines.append("stragglers: none")
+    if startup := startup_line(s.beats):
+        lines.append(startup)
+    suspects = [
+        f"rank {b.rank} ({b.host}, pid {b.pid}): no heartbeat for {b.age_s:.0f}s, "
+        f"in {b.phase} at step {b.step}{_gone(b)}"
+        for b in s.stale[:LISTED]
+    ]
+    lines += _listed("hang suspects", suspects, len(s.stale))
+    lines += _listed("stragglers", s.stragglers[:LISTED], len(s.stragglers))
     if s.errors:
         lines += ["last errors:", *(f"  {text}" for text in s.errors)]
     else:
         lines.append("last errors: none")
     return "\n".join(lines)
+
+
+def _listed(title: str, items: list[str], total: int) -> list[str]:
+    """``title: none``, or the title and one indented line per item, then how many more."""
+    if not total:
+        return [f"{title}: none"]
+    more = [f"  ... and {total - len(items)} more"] if total > len(items) else []
+    return [f"{title}:", *(f"  {text}" for text in items), *more]
+
+
+def startup_line(beats: list[RankBeat]) -> str | None:
+    """While any rank is starting up: how many ranks are in which phase, for how long at most.
+
+    The largest group comes first; the ranks of the smallest (the likely laggards)
+    are named, up to ``NAMED_RANKS``. None when no rank is in a start-up phase.
+    """
+    live = [b for b in beats if not b.exited]
+    if not any(b.phase.startswith(STARTUP_PHASE) for b in live):
+        return None
+    groups: dict[str, list[RankBeat]] = {}
+    for b in live:
+        groups.setdefault(b.phase, []).append(b)
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    parts = []
+    for i, (phase, members) in enumerate(ordered):
+        count = f"{len(members)} rank{'s' if len(members) > 1 else ''}" if i == 0 else len(members)
+        longest = max(b.phase_s for b in members)
+        parts.append(f'{count} in "{phase}" (up to {longest:.0f}s)')
+    line = f"start-up: {', '.join(parts)}"
+    if len(ordered) > 1:
+        smallest = sorted(b.rank for b in ordered[-1][1])
+        line += ": " + ", ".join(f"rank {r}" for r in smallest[:NAMED_RANKS])
+        if len(smallest) > NAMED_RANKS:
+            line += f" and {len(smallest) - NAMED_RANKS} more"
+    return line
 
 
 def _gone(b: RankBeat) -> str:
