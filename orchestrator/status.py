@@ -46,9 +46,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
@@ -66,6 +68,8 @@ HEARTBEAT_INTERVAL_S = 5.0  # faults.heartbeat_interval_s when the config has no
 BEAT_LATE_S = 2.0  # a held-back beat is written by the watchdog's tick (1 s), clocks differ
 TRAINING_PHASE = "training"  # the phase of a rank in a step: "training step N"
 LOG_TAIL_BYTES = 64 * 1024  # read from the end of each rank's log for its last errors
+READ_THREADS = 16  # files read at once (logs, heartbeats)
+_T = TypeVar("_T")
 _SLURM_OUT = re.compile(r"^slurm-(\d+)\.out$")
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")  # at a line's start
 _PROBLEM = re.compile(r"\] (WARNING|ERROR|CRITICAL) |\b\w*(Error|Exception)\b:|^Traceback|^error:")
@@ -204,19 +208,24 @@ def read_heartbeats(run_dir: Path) -> list[RankBeat]:
     """Every rank's last heartbeat; a file being replaced right now is left out."""
     folder = run_dir / "heartbeats"
     try:
-        names = os.listdir(folder)
+        names = [n for n in os.listdir(folder) if n.startswith("rank_") and n.endswith(".json")]
     except FileNotFoundError:
         return []
     now = time.time()
     beats = []
-    for name in names:
-        if not (name.startswith("rank_") and name.endswith(".json")):
-            continue
+    for data in _read_all(lambda name: _read_or_none(folder / name), names):
         try:
-            beats.append(_beat(json.loads((folder / name).read_bytes()), now=now))
-        except (OSError, ValueError, KeyError, TypeError):
+            beats.append(_beat(json.loads(data or b""), now=now))
+        except (ValueError, KeyError, TypeError):
             continue
     return sorted(beats, key=lambda b: b.rank)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _beat(b: dict[str, Any], *, now: float) -> RankBeat:
@@ -441,43 +450,54 @@ class LogTails:
         except FileNotFoundError:
             names = []
         tails = {}
-        for name in names:
-            tail = self._read(name, self._tails.get(name))
-            if tail is not None:
-                tails[name] = tail
+        for name, got in zip(names, _read_all(self._fetch, names), strict=True):
+            if got is not None:
+                tails[name] = self._take(*got)
         self._tails = tails
-        found = [(stamp, f"{name}: {text}") for name, t in tails.items() for stamp, text in t.found]
+        found = [(stamp, name, text) for name, t in tails.items() for stamp, text in t.found]
         found.sort(key=lambda item: item[0])  # stable: a file's own order among equal stamps
-        return [text for _, text in found[-self.limit :]]
+        return [f"{name}: {text}" for _, name, text in found[-self.limit :]]
 
-    def _read(self, name: str, tail: _LogTail | None) -> _LogTail | None:
+    def _fetch(self, name: str) -> tuple[_LogTail, int, bytes] | None:
+        """A log's state (new if the file is) and the bytes to read on: from where, which."""
         path = self.folder / name
+        tail = self._tails.get(name)
         try:
             st = os.stat(path)
             ident = (st.st_dev, st.st_ino)
             if tail is None or tail.ident != ident or st.st_size < tail.offset:
                 tail = _LogTail(ident)
-            if st.st_size > tail.offset:
-                self._read_on(path, tail, st.st_size)
+            if st.st_size == tail.offset:
+                return tail, tail.offset, b""
+            start = max(tail.offset, st.st_size - self.tail_bytes)
+            if start > tail.offset:  # bytes skipped: a whole line starts after the byte before
+                start -= 1
+            with path.open("rb") as f:
+                f.seek(start)
+                return tail, start, f.read(st.st_size - start)
         except OSError:
             return None
-        return tail
 
-    def _read_on(self, path: Path, tail: _LogTail, size: int) -> None:
-        start = max(tail.offset, size - self.tail_bytes)
-        # Bytes were skipped: read from the byte before, where a whole line starts after a newline.
-        back = 1 if start > 0 and start != tail.offset else 0
-        with path.open("rb") as f:
-            f.seek(start - back)
-            data = f.read(size - start + back)
-        first = data.find(b"\n") + 1 if back else 0
+    def _take(self, tail: _LogTail, start: int, data: bytes) -> _LogTail:
+        """Read on in ``tail`` with ``data``, the bytes from ``start`` to the end of the log."""
+        first = data.find(b"\n") + 1 if start > tail.offset else 0
         end = data.rfind(b"\n") + 1
         if end <= first:  # no whole line yet: read on from the first whole one next time
-            tail.offset = start - back + first if first else tail.offset
-            return
-        tail.offset = start - back + end
+            tail.offset = start + first if first else tail.offset
+            return tail
+        tail.offset = start + end
         found, tail.stamp = _problems(data[first:end].decode(errors="replace"), tail.stamp)
         tail.found = (tail.found + found)[-self.limit :]
+        return tail
+
+
+def _read_all(read: Callable[[str], _T], names: list[str]) -> list[_T]:
+    """``read`` of every name, ``READ_THREADS`` at a time: a cold disk or a parallel file
+    system makes each file wait, and the waits overlap (reading releases the GIL)."""
+    if len(names) < 2 * READ_THREADS:
+        return [read(name) for name in names]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return list(pool.map(read, names))
 
 
 def _problems(text: str, stamp: str) -> tuple[list[tuple[str, str]], str]:
