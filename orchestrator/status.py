@@ -492,12 +492,15 @@ class LogTails:
 
 
 def _read_all(read: Callable[[str], _T], names: list[str]) -> list[_T]:
-    """``read`` of every name, ``READ_THREADS`` at a time: a cold disk or a parallel file
-    system makes each file wait, and the waits overlap (reading releases the GIL)."""
+    """``read`` of every name, in ``READ_THREADS`` threads, each a run of the names: a cold
+    disk or a parallel file system makes each file wait, and the waits overlap (reading
+    releases the GIL)."""
     if len(names) < 2 * READ_THREADS:
         return [read(name) for name in names]
+    size = -(-len(names) // READ_THREADS)
+    runs = [names[i : i + size] for i in range(0, len(names), size)]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return list(pool.map(read, names))
+        return [got for run in pool.map(lambda run: [read(n) for n in run], runs) for got in run]
 
 
 def _problems(text: str, stamp: str) -> tuple[list[tuple[str, str]], str]:
