@@ -176,7 +176,8 @@ class StatusReader:
                 hang_timeout_s=settings.hang_timeout_s,
                 heartbeat_interval_s=settings.heartbeat_interval_s,
             )
-        stale = [b for b in beats if not b.exited and b.age_s > stale_after_s]
+        # The longest silent first: in a hang, the rank that stopped first is the likely culprit.
+        stale = sorted((b for b in beats if not b.exited and b.age_s > stale_after_s), key=_silence)
         last, total = self.metrics.train, settings.total_steps
         job, ended = job_state(self.run_dir, beats, stale, last_step=_last_step(last), total=total)
         interval_s = settings.heartbeat_interval_s
@@ -198,6 +199,10 @@ class StatusReader:
 def collect(run_dir: Path, *, stale_after_s: float | None = None) -> RunStatus:
     """Everything ``status`` shows, read from ``run_dir`` (and SLURM when it is a SLURM job)."""
     return StatusReader(run_dir, stale_after_s=stale_after_s).collect()
+
+
+def _silence(b: RankBeat) -> tuple[float, int]:
+    return -b.age_s, b.rank
 
 
 def _last_step(last: dict[str, Any] | None) -> int:

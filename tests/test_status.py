@@ -285,6 +285,10 @@ def test_generated_run_names_the_stale_rank(tmp_path: Path) -> None:
     assert re.findall(r"rank (\d+) \(", stragglers) == ["21"], out
     errors = out.split("last errors:")[1]
     assert status_scale.TAIL_WARNING in errors and status_scale.START_ERROR not in errors
+    # a second silent rank, silent for less long: listed after the first
+    _beat(run_dir / "heartbeats" / "rank_5.json", time=time.time() - 100)
+    suspects = render(collect(run_dir)).split("hang suspects:")[1].split("stragglers:")[0]
+    assert re.findall(r"rank (\d+) \(", suspects) == ["21", "5"]
 
 
 def test_follow_reads_on(tmp_path: Path) -> None:
