@@ -1,11 +1,15 @@
 """Tensor-parallel layers: vocabulary-parallel embedding, column- and row-parallel linear.
 
 Weights follow ``torch.nn.Linear``: ``A`` has shape ``(out, in)`` and
-``Y = X A^T``. Every sharded parameter carries ``tensor_model_parallel=True``,
-``partition_dim`` (the axis it is split along) and ``full_size`` (the
-unpadded length of that axis in the full tensor), which is all that is needed
-to cut a shard out of a full tensor or to gather one back
-(``load_shard_``/``gather_full``). Layers allocate their parameters
+``Y = X A^T``. Every sharded parameter carries ``partition_dim`` (the axis it
+is split along), ``full_size`` (the unpadded length of that axis in the full
+tensor) and ``replicas`` (how many consecutive tp ranks hold the same shard:
+1, or ``tp / n_kv_heads`` for replicated key/value heads), which is all that
+is needed to cut a shard out of a full tensor or to gather one back
+(``load_shard_``/``gather_full``). ``tensor_model_parallel`` (Megatron's and
+DeepSpeed's name) is True on the first rank holding each shard and False on
+its replicas, so a gradient norm that counts ``tensor_model_parallel``
+parameters on every tp rank and the others on tp rank 0 counts each once. Layers allocate their parameters
 uninitialised; the owner initialises them from full tensors, so the values
 never depend on the layout.
 """
@@ -26,6 +30,7 @@ from model_parallel.mappings import (
     reduce_from_tp_region,
     reduce_scatter_to_sp_region,
     scatter_to_tp_region,
+    sum_over_replicas,
 )
 
 
@@ -35,16 +40,35 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def mark_sharded(param: nn.Parameter, *, partition_dim: int, full_size: int) -> None:
+def mark_sharded(
+    param: nn.Parameter,
+    *,
+    partition_dim: int,
+    full_size: int,
+    replicas: int = 1,
+    tp_rank: int = 0,
+) -> None:
     """Record how ``param`` is cut out of its full tensor (Megatron's attribute names)."""
-    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    param.tensor_model_parallel = tp_rank % replicas == 0  # type: ignore[attr-defined]
     param.partition_dim = partition_dim  # type: ignore[attr-defined]
     param.partition_stride = 1  # type: ignore[attr-defined]
     param.full_size = full_size  # type: ignore[attr-defined]
+    param.replicas = replicas  # type: ignore[attr-defined]
 
 
 def is_sharded(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
+    """Whether ``param`` is a tp shard (replicated shards included) of a larger tensor."""
+    return hasattr(param, "partition_dim")
+
+
+def replicas_of(param: torch.Tensor) -> int:
+    """How many consecutive tp ranks hold the same shard as ``param`` (1 if not replicated)."""
+    return int(getattr(param, "replicas", 1))
+
+
+def counts_in_norm(param: torch.Tensor, tp_rank: int) -> bool:
+    """Whether this tp rank's copy of ``param`` counts in a tp-wide norm (once per value)."""
+    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
 
 
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -64,12 +88,14 @@ def shard_of(
     if not is_sharded(param):
         return full
     dim = param.partition_dim  # type: ignore[attr-defined]
-    pad = param.shape[dim] * tp_size - full.shape[dim]
+    replicas = replicas_of(param)
+    num_shards = tp_size // replicas  # rank r holds shard r // replicas
+    pad = param.shape[dim] * num_shards - full.shape[dim]
     if pad:
         pad_shape = list(full.shape)
         pad_shape[dim] = pad
         full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
-    return full.chunk(tp_size, dim=dim)[tp_rank]
+    return full.chunk(num_shards, dim=dim)[tp_rank // replicas]
 
 
 def load_shard_(param: torch.Tensor, full: torch.Tensor, *, tp_rank: int, tp_size: int) -> None:
@@ -81,7 +107,8 @@ def load_shard_(param: torch.Tensor, full: torch.Tensor, *, tp_rank: int, tp_siz
 def gather_full(param: torch.Tensor, group: Group) -> torch.Tensor:
     """The full, unpadded tensor of which ``param`` (or its gradient) is this rank's shard.
 
-    A collective over ``group`` when ``param`` is sharded and tp > 1.
+    A collective over ``group`` when ``param`` is sharded and tp > 1; of
+    replicated shards the first copy of each is kept.
     """
     data = param.detach()
     if not is_sharded(param):
@@ -91,7 +118,7 @@ def gather_full(param: torch.Tensor, group: Group) -> torch.Tensor:
     if size > 1:
         parts = [torch.empty_like(data) for _ in range(size)]
         torch.distributed.all_gather(parts, data.contiguous(), group=group)
-        data = torch.cat(parts, dim=dim)
+        data = torch.cat(parts[:: replicas_of(param)], dim=dim)
     return data.narrow(dim, 0, param.full_size).clone()  # type: ignore[attr-defined]
 
 
@@ -147,6 +174,16 @@ class ColumnParallelLinear(nn.Module):
     mapping once for several layers sharing one input (q/k/v, w1/w3), which
     saves a collective per extra layer. ``gather_output`` all-gathers ``Y``
     over the last dim (backward: keep this rank's chunk).
+
+    ``replicas = r > 1`` (key/value heads when tp exceeds them): ``A`` is cut
+    into ``p / r`` blocks only, and ranks ``[j*r, (j+1)*r)`` all hold ``A_j``.
+    Each of them computes ``dA_j`` from its own part of the output gradient
+    only, so the true gradient of the one logical ``A_j`` is the sum of the
+    ``r`` partial ones: the weight passes through ``sum_over_replicas``
+    (forward identity, backward that sum over the ``r`` ranks; an all-gather
+    over tp), and every copy gets the same gradient, hence the same update.
+    ``dX`` needs nothing extra: ``sum_i dY_i A_{i//r}`` over all ranks is
+    already the full ``dY A`` once the input mapping's all-reduce has run.
     """
 
     def __init__(
@@ -159,20 +196,34 @@ class ColumnParallelLinear(nn.Module):
         sequence_parallel: bool = False,
         mapped_input: bool = False,
         full_out_features: int | None = None,
+        replicas: int = 1,
     ) -> None:
         super().__init__()
+        if gather_output and replicas > 1:
+            raise ValueError("gather_output with replicated shards is not supported")
         self.tp_group = tp_group
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.mapped_input = mapped_input
-        out_local = _divide(out_features, group_size(tp_group), "out_features")
+        self.replicas = replicas
+        tp = group_size(tp_group)
+        if tp % replicas:
+            raise ValueError(f"replicas={replicas}: must divide tp({tp})")
+        out_local = _divide(out_features, tp // replicas, "out_features")
         self.weight = nn.Parameter(torch.empty(out_local, in_features))
-        mark_sharded(self.weight, partition_dim=0, full_size=full_out_features or out_features)
+        mark_sharded(
+            self.weight,
+            partition_dim=0,
+            full_size=full_out_features or out_features,
+            replicas=replicas,
+            tp_rank=group_rank(tp_group),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.mapped_input:
             x = map_column_input(x, self.tp_group, sequence_parallel=self.sequence_parallel)
-        y = F.linear(x, self.weight)
+        weight = sum_over_replicas(self.weight, self.tp_group, self.replicas)
+        y = F.linear(x, weight)
         return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
 

@@ -75,13 +75,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with heads split over tp.
+    """Causal self-attention with heads split over tp, grouped-query when
+    ``n_kv_heads < n_heads`` (each KV head serves ``g = n_heads / n_kv_heads``
+    consecutive query heads).
 
-    wq/wk/wv are column-parallel (rank i computes heads ``[i*h/p, (i+1)*h/p)``
-    with no communication); wo is row-parallel and sums the heads' partial
-    outputs (all-reduce, or reduce-scatter with sequence parallelism). The
-    input mapping (backward all-reduce, or sequence all-gather) runs once for
-    all three projections.
+    wq is column-parallel: rank i computes query heads ``[i*h/p, (i+1)*h/p)``.
+    wk/wv are column-parallel too: when p divides n_kv_heads, rank i computes
+    KV heads ``[i*kv/p, (i+1)*kv/p)``, exactly those its query heads use.
+    When p > n_kv_heads, each KV head j is replicated on the ``r = p / kv``
+    ranks ``[j*r, (j+1)*r)`` whose query heads use it (Megatron-Core's rule);
+    each replica's weight gradient is partial (its own query heads only), so
+    the weights' gradients are summed over the r replicas in backward
+    (``ColumnParallelLinear(replicas=r)``). No communication in forward. wo
+    is row-parallel and sums the heads' partial outputs (all-reduce, or
+    reduce-scatter with sequence parallelism). The input mapping (backward
+    all-reduce, or sequence all-gather) runs once for all three projections.
     """
 
     def __init__(self, args: ModelArgs, *, tp_group: Group, sequence_parallel: bool) -> None:
@@ -89,13 +97,19 @@ class Attention(nn.Module):
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel
         self.head_dim = args.head_dim
-        self.n_local_heads = args.n_heads // group_size(tp_group)
-        self.rotary = RotaryTables(args.head_dim, args.rope_theta, args.max_seq_len)
+        tp = group_size(tp_group)
+        self.n_local_heads = args.n_heads // tp
+        replicas = args.kv_replicas(tp)
+        self.n_local_kv_heads = args.num_kv_heads * replicas // tp
+        self.rotary = RotaryTables(
+            args.head_dim, args.rope_theta, args.max_seq_len, scaling=args.rope_scaling
+        )
         self.cpu_matmul_backward = False  # set by compile_model
         kw = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, mapped_input=True)
+        kv = dict(kw, replicas=replicas)
         self.wq = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
-        self.wk = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
-        self.wv = ColumnParallelLinear(args.dim, args.dim, **kw)  # type: ignore[arg-type]
+        self.wk = ColumnParallelLinear(args.dim, args.kv_dim, **kv)  # type: ignore[arg-type]
+        self.wv = ColumnParallelLinear(args.dim, args.kv_dim, **kv)  # type: ignore[arg-type]
         self.wo = RowParallelLinear(
             args.dim, args.dim, tp_group=tp_group, sequence_parallel=sequence_parallel
         )
@@ -103,16 +117,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = map_column_input(x, self.tp_group, sequence_parallel=self.sequence_parallel)
         bsz, seq, _ = x.shape
-        shape = (bsz, seq, self.n_local_heads, self.head_dim)
-        q, k, v = self.wq(x).view(shape), self.wk(x).view(shape), self.wv(x).view(shape)
+        q = self.wq(x).view(bsz, seq, self.n_local_heads, self.head_dim)
+        kv_shape = (bsz, seq, self.n_local_kv_heads, self.head_dim)
+        k, v = self.wk(x).view(kv_shape), self.wv(x).view(kv_shape)
         cos, sin = self.rotary(seq, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # (B, S, h, hd) -> (B, h, S, hd) for scaled_dot_product_attention
+        # (B, S, h, hd) -> (B, h, S, hd); local KV heads repeated for their query heads
+        group = self.n_local_heads // self.n_local_kv_heads
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = causal_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            cpu_matmul_backward=self.cpu_matmul_backward,
+            q.transpose(1, 2), k, v, cpu_matmul_backward=self.cpu_matmul_backward
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))  # (B, S, h*hd)
 
@@ -340,7 +356,7 @@ class Transformer(nn.Module):
 
 
 def _with_attrs(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    for attr in ("tensor_model_parallel", "partition_dim", "full_size"):
+    for attr in ("tensor_model_parallel", "partition_dim", "full_size", "replicas"):
         if hasattr(param, attr):
             setattr(tensor, attr, getattr(param, attr))
     return tensor

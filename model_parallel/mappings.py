@@ -161,6 +161,24 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _gather(grad, SEQ_DIM, ctx.group), None
 
 
+class _SumOverReplicas(torch.autograd.Function):
+    """Forward: identity. Backward: sum the gradient over the ``replicas`` consecutive tp
+    ranks that hold the same tensor (an all-gather over tp, then a local sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Group, replicas: int) -> torch.Tensor:
+        ctx.group, ctx.replicas = group, replicas
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        size = group_size(ctx.group)
+        parts = [torch.empty_like(grad) for _ in range(size)]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        first = group_rank(ctx.group) // ctx.replicas * ctx.replicas
+        return torch.stack(parts[first : first + ctx.replicas]).sum(0), None, None
+
+
 def copy_to_tp_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
 
@@ -189,3 +207,7 @@ def gather_from_sp_region(
 
 def reduce_scatter_to_sp_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, group)
+
+
+def sum_over_replicas(x: torch.Tensor, group: Group, replicas: int) -> torch.Tensor:
+    return x if replicas == 1 else _SumOverReplicas.apply(x, group, replicas)

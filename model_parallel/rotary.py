@@ -1,22 +1,45 @@
 """Rotary position embeddings (Su et al.), in Meta's interleaved-pair convention:
 consecutive pairs ``(x[2i], x[2i+1])`` of each head are rotated by the angle
-``position * theta^(-2i/head_dim)``, computed in fp32 whatever the model's dtype.
+``position * theta^(-2i/head_dim)``, computed in fp32 whatever the model's dtype. With ``RopeScaling`` (Llama 3.1)
+the frequencies are rescaled first (``scaled_frequencies``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Self
 
 import torch
 from torch import nn
 
+from model_parallel.args import RopeScaling
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency scaling (the rule in ``RopeScaling``'s docstring), elementwise."""
+    original = scaling.original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    low = wavelen > original / scaling.low_freq_factor
+    high = wavelen < original / scaling.high_freq_factor
+    return torch.where(high, inv_freq, torch.where(low, inv_freq / scaling.factor, blended))
+
 
 def rotary_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
+    seq_len: int,
+    head_dim: int,
+    theta: float,
+    device: torch.device,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, each ``(seq_len, head_dim/2)``, fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if scaling is not None:
+        inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -37,13 +60,21 @@ class RotaryTables(nn.Module):
     cos: torch.Tensor
     sin: torch.Tensor
 
-    def __init__(self, head_dim: int, theta: float, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        max_seq_len: int,
+        *,
+        scaling: RopeScaling | None = None,
+    ) -> None:
         super().__init__()
         self.head_dim, self.theta, self.max_seq_len = head_dim, theta, max_seq_len
+        self.scaling = scaling
         self._fill(torch.device("cpu"))
 
     def _fill(self, device: torch.device) -> None:
-        cos, sin = rotary_cos_sin(self.max_seq_len, self.head_dim, self.theta, device)
+        cos, sin = rotary_cos_sin(self.max_seq_len, self.head_dim, self.theta, device, self.scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -56,7 +87,7 @@ class RotaryTables(nn.Module):
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``(seq_len, head_dim/2)`` fp32 on ``device``."""
         if seq_len > self.max_seq_len or self.cos.device != device:
-            return rotary_cos_sin(seq_len, self.head_dim, self.theta, device)
+            return rotary_cos_sin(seq_len, self.head_dim, self.theta, device, self.scaling)
         return self.cos[:seq_len], self.sin[:seq_len]
 
 

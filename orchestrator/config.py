@@ -17,14 +17,14 @@ than one section (world size, divisibility by tp, layers over pp, ...) live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from model_parallel.args import ModelArgs
+from model_parallel.args import ModelArgs, RopeScaling, kv_heads_rule
 from orchestrator.cluster_config import ClusterConfig, SlurmConfig
 from orchestrator.config_rules import (
     ACTIVATION_CHECKPOINTING,
@@ -61,6 +61,7 @@ __all__ = [
     "ModelConfig",
     "MonitorConfig",
     "ParallelConfig",
+    "RopeScalingConfig",
     "RunConfig",
     "SlurmConfig",
     "TrainConfig",
@@ -72,6 +73,27 @@ __all__ = [
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3.1's rotary frequency scaling (``model_parallel.args.RopeScaling``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def validate(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            positive_float(f"model.rope_scaling.{name}", getattr(self, name))
+        positive("model.rope_scaling.original_max_seq_len", self.original_max_seq_len)
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise fail(
+                "model.rope_scaling.high_freq_factor",
+                self.high_freq_factor,
+                f"must be > model.rope_scaling.low_freq_factor({self.low_freq_factor})",
+            )
+
+
+@dataclass
 class ModelConfig:
     """LLaMA shape. Field names follow Meta's ``params.json``."""
 
@@ -79,12 +101,14 @@ class ModelConfig:
     dim: int = MISSING
     n_layers: int = MISSING
     n_heads: int = MISSING
+    n_kv_heads: int | None = None  # grouped-query attention (Llama 2 70B, Llama 3); None: n_heads
     vocab_size: int = 32000
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # Llama 3: 500000
+    rope_scaling: RopeScalingConfig | None = None  # Llama 3.1's long-context scaling
     init_std: float = 0.02
     # Start from these weights (a Hugging Face LlamaForCausalLM directory, or a
     # Meta release with params.json) instead of the random init; any layout.
@@ -97,7 +121,10 @@ class ModelConfig:
 
     def to_args(self) -> ModelArgs:
         """The shape fields, as the model package takes them."""
-        return ModelArgs(**{f.name: getattr(self, f.name) for f in fields(ModelArgs)})
+        values = {f.name: getattr(self, f.name) for f in fields(ModelArgs)}
+        if self.rope_scaling is not None:
+            values["rope_scaling"] = RopeScaling(**asdict(self.rope_scaling))
+        return ModelArgs(**values)
 
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
@@ -106,6 +133,16 @@ class ModelConfig:
             positive_float(f"model.{name}", getattr(self, name))
         if self.ffn_dim_multiplier is not None:
             positive_float("model.ffn_dim_multiplier", self.ffn_dim_multiplier)
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
+        if self.n_kv_heads is not None:
+            positive("model.n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads != 0:
+                raise fail(
+                    "model.n_kv_heads",
+                    self.n_kv_heads,
+                    f"must divide model.n_heads({self.n_heads})",
+                )
         if self.dim % self.n_heads != 0:
             raise fail("model.dim", self.dim, f"must be divisible by model.n_heads({self.n_heads})")
         head_dim = self.dim // self.n_heads
@@ -401,6 +438,13 @@ class Config:
         self.monitor.validate()
         self.slurm.validate()
         one_of("launcher", self.launcher, LAUNCHERS)
+        # Spans model and parallel; here until orchestrator.plan._check_tensor_parallel
+        # (which checks n_heads and the FFN width against tp) takes it over.
+        if not self.parallel.auto:
+            n_kv = self.model.n_kv_heads or self.model.n_heads
+            rule = kv_heads_rule(tp=self.parallel.tp, n_heads=self.model.n_heads, n_kv_heads=n_kv)
+            if rule is not None:
+                raise fail("parallel.tp", self.parallel.tp, rule)
 
 
 BASE_CONFIG_NAME = "base_config"

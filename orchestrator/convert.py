@@ -5,7 +5,7 @@ tensors (``Transformer.full_state_dict`` / ``load_full_state_dict``). From it:
 
 - Hugging Face ``LlamaForCausalLM``: renamed keys, and wq/wk permuted because
   Hugging Face rotates the two halves of each head (``rotate_half``) where
-  Meta rotates interleaved pairs.
+  Meta rotates interleaved pairs (wk per KV head: ``n_kv_heads`` of them).
 - Meta's original release: ``params.json`` plus ``consolidated.NN.pth``, one
   file per model-parallel rank of fairscale's layers (7B: 1, 13B: 2, 33B: 4,
   65B: 8). Each file holds a tensor-parallel shard; the split axis per
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from model_parallel.args import ModelArgs
+from model_parallel.args import ModelArgs, RopeScaling
 
 StateDict = dict[str, torch.Tensor]
 
@@ -94,8 +94,10 @@ def to_hf(state: StateDict, args: ModelArgs) -> StateDict:
         if layer is None:
             out[_HF_TOP_NAMES[name]] = tensor
             continue
-        if rest in ("attention.wq.weight", "attention.wk.weight"):
+        if rest == "attention.wq.weight":
             tensor = _rope_to_hf(tensor, args.n_heads)
+        elif rest == "attention.wk.weight":
+            tensor = _rope_to_hf(tensor, args.num_kv_heads)
         out[f"model.layers.{layer}.{_HF_LAYER_NAMES[rest]}"] = tensor
     return out
 
@@ -115,8 +117,10 @@ def from_hf(state: StateDict, args: ModelArgs) -> StateDict:
         if match is None or match.group(2) not in per_layer:
             raise KeyError(f"unexpected Hugging Face key {name!r}")
         rest = per_layer[match.group(2)]
-        if rest in ("attention.wq.weight", "attention.wk.weight"):
+        if rest == "attention.wq.weight":
             tensor = _rope_from_hf(tensor, args.n_heads)
+        elif rest == "attention.wk.weight":
+            tensor = _rope_from_hf(tensor, args.num_kv_heads)
         out[f"layers.{match.group(1)}.{rest}"] = tensor
     return out
 
@@ -129,14 +133,27 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
         "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_heads,
+        "num_key_value_heads": args.num_kv_heads,
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
+        "rope_scaling": _hf_rope_scaling(args.rope_scaling),
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
+    }
+
+
+def _hf_rope_scaling(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max_seq_len,
     }
 
 
@@ -178,11 +195,14 @@ def args_from_meta_params(params: dict[str, Any], *, vocab_size: int | None = No
         dim=params["dim"],
         n_layers=params["n_layers"],
         n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"),
         vocab_size=vocab,
         multiple_of=params.get("multiple_of", 256),
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         norm_eps=params.get("norm_eps", 1e-6),
         rope_theta=params.get("rope_theta", 10000.0),
+        # Meta's use_scaled_rope: the Llama 3.1 constants, fixed in its code
+        rope_scaling=RopeScaling() if params.get("use_scaled_rope") else None,
     )
 
 
@@ -205,7 +225,7 @@ def save_meta_checkpoint(
     """Write ``params.json`` and ``num_shards`` ``consolidated.NN.pth`` files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    params = {
+    params: dict[str, Any] = {
         "dim": args.dim,
         "multiple_of": args.multiple_of,
         "n_heads": args.n_heads,
@@ -215,6 +235,14 @@ def save_meta_checkpoint(
     }
     if args.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    if args.n_kv_heads is not None:
+        params["n_kv_heads"] = args.n_kv_heads
+    if args.rope_theta != 10000.0:
+        params["rope_theta"] = args.rope_theta
+    if args.rope_scaling is not None:
+        if args.rope_scaling != RopeScaling():
+            raise ValueError("Meta's params.json has only use_scaled_rope: Llama 3.1's constants")
+        params["use_scaled_rope"] = True
     (directory / "params.json").write_text(json.dumps(params))
     for i, shard in enumerate(split_meta_shards(state, num_shards)):
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")

@@ -13,7 +13,7 @@ from torch import nn
 
 from model_parallel.fused import fused_adam_class
 from model_parallel.groups import ProcessGroups
-from model_parallel.layers import is_sharded
+from model_parallel.layers import counts_in_norm
 from model_parallel.llama import compile_model
 from orchestrator.config import Config
 from orchestrator.plan import Plan
@@ -190,12 +190,13 @@ def grad_norm(model: nn.Module, groups: ProcessGroups) -> float:
     """Global L2 norm of the gradients held by this model-parallel (tp) group.
 
     tp-sharded gradients count on every tp rank, replicated ones on tp rank 0
-    only. Used where DeepSpeed reports none (ZeRO-0 in fp32); gradients must
+    only (a shard replicated on several ranks, as KV heads when tp exceeds
+    them, on the first of them: ``counts_in_norm``). Used where DeepSpeed reports none (ZeRO-0 in fp32); gradients must
     already be reduced over dp.
     """
     total = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     for param in model.parameters():
-        if param.grad is not None and (is_sharded(param) or groups.tp_rank == 0):
+        if param.grad is not None and counts_in_norm(param, groups.tp_rank):
             total += param.grad.detach().float().pow(2).sum()
     if groups.tp_size > 1:
         dist.all_reduce(total, group=groups.tp_group)

@@ -46,12 +46,22 @@ def tp_dim(name: str) -> int | None:
     return _TP_DIM.get(rest)
 
 
+def tp_replicas(name: str, args: ModelArgs, tp: int) -> int:
+    """How many consecutive tp ranks hold the same shard of ``name`` (KV heads when tp > them)."""
+    rest = name.split(".", 2)[2] if name.startswith("layers.") else name
+    if rest in ("attention.wk.weight", "attention.wv.weight"):
+        return args.kv_replicas(tp)
+    return 1
+
+
 def merge_tp(shards: list[StateDict], args: ModelArgs) -> StateDict:
-    """Full tensors from one state dict per tp rank (Meta names; vocab padding dropped)."""
+    """Full tensors from one state dict per tp rank (Meta names; vocab padding dropped;
+    of replicated KV heads, the first copy of each)."""
     out: StateDict = {}
     for name in shards[0]:
         dim = tp_dim(name)
-        tensor = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
+        unique = shards[:: tp_replicas(name, args, len(shards))]
+        tensor = shards[0][name] if dim is None else torch.cat([s[name] for s in unique], dim=dim)
         if name in ("tok_embeddings.weight", "output.weight"):
             tensor = tensor[: args.vocab_size]  # drop the tp padding rows
         out[name] = tensor.clone()
@@ -94,10 +104,12 @@ def read_hf(directory: Path, args: ModelArgs) -> StateDict:
     """A Hugging Face ``LlamaForCausalLM`` directory (safetensors or .bin)."""
     config = json.loads((directory / "config.json").read_text())
     expected = hf_config(args)
+    config.setdefault("num_key_value_heads", config.get("num_attention_heads"))  # older files
     for key in (
         "hidden_size",
         "num_hidden_layers",
         "num_attention_heads",
+        "num_key_value_heads",
         "vocab_size",
         "intermediate_size",
     ):
@@ -127,12 +139,8 @@ def read_pretrained(path: Path, args: ModelArgs) -> StateDict:
         return read_hf(path, args)
     if (path / "params.json").is_file():
         meta_args, state = load_meta_checkpoint(path)
-        if (meta_args.dim, meta_args.n_layers, meta_args.n_heads, meta_args.vocab_size) != (
-            args.dim,
-            args.n_layers,
-            args.n_heads,
-            args.vocab_size,
-        ):
+        shape = ("dim", "n_layers", "n_heads", "num_kv_heads", "vocab_size")
+        if any(getattr(meta_args, key) != getattr(args, key) for key in shape):
             raise ValueError(f"model.init_from={path}: params.json does not match the model config")
         return state
     raise ValueError(
