@@ -218,6 +218,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8  # Llama 2 and 3: 1e-5
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "bf16"
     log_interval: int = 10
@@ -234,6 +235,7 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise fail("train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         non_negative("train.warmup_steps", self.warmup_steps)
+        positive_float("train.adam_eps", self.adam_eps)
         if self.weight_decay < 0:
             raise fail("train.weight_decay", self.weight_decay, "must be >= 0")
         for name in ("beta1", "beta2"):

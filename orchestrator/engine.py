@@ -159,11 +159,11 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     apex_adam = fused_adam_class() if device.type == "cuda" else None
     if apex_adam is not None:
         optimizer: torch.optim.Optimizer = apex_adam(
-            groups, lr=train.lr, betas=betas, adam_w_mode=True
+            groups, lr=train.lr, betas=betas, eps=train.adam_eps, adam_w_mode=True
         )
         return optimizer
     fused = device.type in _TORCH_FUSED_ADAMW_DEVICES or None
-    return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=train.adam_eps, fused=fused)
 
 
 def build_scheduler(
@@ -191,7 +191,8 @@ def grad_norm(model: nn.Module, groups: ProcessGroups) -> float:
 
     tp-sharded gradients count on every tp rank, replicated ones on tp rank 0
     only (a shard replicated on several ranks, as KV heads when tp exceeds
-    them, on the first of them: ``counts_in_norm``). Used where DeepSpeed reports none (ZeRO-0 in fp32); gradients must
+    them, on the first of them: ``counts_in_norm``). Used where DeepSpeed
+    reports none (ZeRO-0 in fp32); gradients must
     already be reduced over dp.
     """
     total = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
