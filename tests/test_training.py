@@ -81,6 +81,21 @@ def test_layout_invariance(layout: str, reference: list[dict[str, float]], tmp_p
     assert norm_diff <= RTOL
 
 
+def test_gqa_layout_invariance(tmp_path: Path) -> None:
+    """The tiny model with 2 KV heads for its 8 query heads: at tp2 each rank holds
+    one KV head; at tp4 each KV head is replicated on two ranks, whose weight
+    gradients are summed and counted once in the gradient norm. Same curve."""
+    gqa = "model.n_kv_heads=2"
+    ref = train(tmp_path / "tp1", gqa, "parallel=tp1pp1")
+    for tp in (2, 4):
+        got = train(tmp_path / f"tp{tp}", gqa, "parallel=tp2pp1", f"parallel.tp={tp}")
+        loss_diff = _max_rel(got, ref, "loss")
+        norm_diff = _max_rel(got, ref, "grad_norm")
+        print(f"gqa tp{tp}: max relative difference loss {loss_diff:.2e}, norm {norm_diff:.2e}")
+        assert loss_diff <= RTOL, [(m["loss"], r["loss"]) for m, r in zip(got, ref, strict=True)]
+        assert norm_diff <= RTOL
+
+
 # bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3) in weights and
 # activations; DeepSpeed keeps fp32 master weights, optimiser state and
 # gradient accumulation, so the rounding does not compound through the
