@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from model_parallel.layers import is_sharded
+from model_parallel.layers import is_sharded, replicas_of
 from model_parallel.mappings import group_rank
 from orchestrator.checkpoint import TrainingState
 from orchestrator.reshard_source import KEYS, SourceCheckpoint, UnsupportedCheckpoint
@@ -93,7 +93,8 @@ def _locals(
             source.param(full)
         except KeyError as exc:
             raise UnsupportedCheckpoint(f"{exc.args[0]} (is it the same model?)") from exc
-        out[param] = _Local(source, full, shape, dim, tp_rank)
+        # replicated shards (KV heads when tp exceeds them): rank r holds shard r // replicas
+        out[param] = _Local(source, full, shape, dim, tp_rank // replicas_of(param))
     return out
 
 

@@ -36,7 +36,7 @@ import torch
 from model_parallel.args import ModelArgs
 from orchestrator.checkpoint import LayoutRecord, read_layout
 from orchestrator.safe_load import safe_load
-from orchestrator.weights import global_name, tp_dim
+from orchestrator.weights import global_name, tp_dim, tp_replicas
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _VOCAB_PADDED = ("tok_embeddings.weight", "output.weight")
@@ -62,6 +62,7 @@ class Param:
     dim: int | None  # tp split axis
     local_shape: tuple[int, ...]  # a tp shard's shape in the source layout (padded)
     shards: list[list[Piece] | None] = field(default_factory=list)  # per source tp rank
+    replicas: int = 1  # consecutive source tp ranks holding the same shard (KV heads)
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -168,11 +169,13 @@ class SourceCheckpoint:
         if param is None:
             dim = tp_dim(name)
             full = list(local_shape)
+            replicas = 1
             if dim is not None:
-                full[dim] *= self.layout.tp
+                replicas = tp_replicas(name, self.args, self.layout.tp)
+                full[dim] *= self.layout.tp // replicas
                 if name in _VOCAB_PADDED:
                     full[dim] = self.args.vocab_size
-            param = Param(name, tuple(full), dim, tuple(local_shape))
+            param = Param(name, tuple(full), dim, tuple(local_shape), replicas=replicas)
             param.shards = [None] * self.layout.tp
             self.params[name] = param
         param.shards[tp_rank] = pieces
@@ -384,7 +387,7 @@ class SourceCheckpoint:
             base = tp_rank * height if param.dim == 0 else 0
             block = self._shard_flat(
                 param,
-                tp_rank if param.dim == 0 else 0,
+                tp_rank * param.replicas if param.dim == 0 else 0,  # shard -> its first rank
                 key,
                 (lo - base) * local[1],
                 (hi - base) * local[1],

@@ -176,3 +176,56 @@ def test_reader_agrees_with_deepspeed(sources: dict[str, Path]) -> None:
         assert torch.equal(source.read_full(name, "fp32"), full), name
         read += full.numel() * 4
     assert source.bytes_read == read
+
+
+def _load_into_replicated_kv(
+    rank: int, world: int, source_run: str, overrides: list[str], out: str
+) -> bool:
+    """Load and save as ``_load_and_save``; also whether both copies of each KV head agree."""
+    import torch.distributed as dist
+
+    from orchestrator import checkpoint
+    from orchestrator.reshard import load_resharded
+
+    engine, cfg, plan, groups = _build_engine(rank, overrides)
+    run = Path(source_run)
+    path = checkpoint.checkpoint_dir(run) / str(checkpoint.latest_tag(run))
+    state, _ = load_resharded(
+        engine,
+        path,
+        args=cfg.model.to_args(),
+        pp=plan.pp,
+        tp_group=groups.tp_group,
+        dp=plan.dp,
+        micro_batch=plan.micro_batch_size,
+    )
+    state.layout = checkpoint.LayoutRecord.from_plan(plan)
+    checkpoint.save(engine, Path(out), state, keep=1)
+    same = True
+    for name, param in engine.module.named_parameters():
+        if name.endswith(("wk.weight", "wv.weight")):
+            parts = [torch.empty_like(param) for _ in range(world)]
+            dist.all_gather(parts, param.detach().contiguous(), group=groups.tp_group)
+            same &= all(torch.equal(parts[i], parts[i + 1]) for i in range(0, world, 2))
+    return same
+
+
+def test_kv_heads_move_to_replicas_bit_for_bit(tmp_path: Path) -> None:
+    """2 KV heads: a tp2 run (one KV head per rank) continues at tp4 (each KV head on
+    two ranks); the tp4 checkpoint, read back one copy per head, equals the source."""
+    gqa = ["model.n_kv_heads=2", "parallel=tp2pp1", "parallel.dp=1"]
+    source = tmp_path / "tp2"
+    run_launch(*COMMON, f"run.dir={source}", *gqa, timeout=600)
+    moved = tmp_path / "tp4"
+    same = run_ranks(
+        _load_into_replicated_kv, 4, str(source), [*gqa, "parallel.tp=4"], str(moved), timeout=300
+    )
+    assert same == [True] * 4
+    args = load_config(source / "config.yaml").model.to_args()
+    assert args.n_kv_heads == 2
+    want = read_full_state(checkpoint_dir(source) / str(latest_tag(source)), args)
+    got = read_full_state(checkpoint_dir(moved) / "step_00000003", args)
+    assert want.keys() == got.keys()
+    assert want["layers.0.attention.wk.weight/fp32"].shape == (2 * args.head_dim, args.dim)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
