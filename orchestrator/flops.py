@@ -1,23 +1,25 @@
 """Training FLOPs per token for LLaMA's shapes, and MFU.
 
 Notation: d = ``args.dim``, f = SwiGLU hidden width (``args.hidden_dim``,
-Meta's ``ffn_hidden_dim`` rule), l = layers, s = sequence length, V = the
-unpadded vocabulary. A matmul with a (m x n) weight costs 2·m·n FLOPs per
+Meta's ``ffn_hidden_dim`` rule), k = the width of the K and V projections
+(``args.kv_dim`` = n_kv_heads · head_dim; d without grouped-query
+attention), l = layers, s = sequence length, V = the unpadded vocabulary. A matmul with a (m x n) weight costs 2·m·n FLOPs per
 token (one multiply and one add per weight).
 
 Forward pass, per token::
 
-    per layer   q, k, v, o projections      4 · 2·d·d   =  8·d²
+    per layer   q, o projections            2 · 2·d·d   =  4·d²
+                k, v projections (d x k)    2 · 2·d·k   =  4·d·k   (4·d² without GQA)
                 SwiGLU w1, w3 (d x f), w2   3 · 2·d·f   =  6·d·f
-                QK^T and AV over s keys     2 · 2·s·d   =  4·s·d
+                QK^T and AV over s keys     2 · 2·s·d   =  4·s·d   (every query head)
     once        output layer (d x V)        2·d·V
     free        embedding lookup, RMSNorm, RoPE, softmax, SiLU (not matmuls)
 
-    forward = l·(8·d² + 6·d·f + 4·s·d) + 2·d·V
+    forward = l·(4·d² + 4·d·k + 6·d·f + 4·s·d) + 2·d·V
 
 Backward costs twice the forward (gradients of the input and of the weight),
 so the *model* FLOPs of training are ``3 · forward = 6·N_matmul + 12·l·s·d``,
-where N_matmul = l·(4·d² + 3·d·f) + d·V is every parameter that takes part in
+where N_matmul = l·(2·d² + 2·d·k + 3·d·f) + d·V is every parameter that takes part in
 a matmul (the input embedding does not). This is PaLM's appendix-B formula
 (6N + 12·L·H·Q·T with H·Q = d, T = s).
 
@@ -39,9 +41,9 @@ from model_parallel.args import ModelArgs
 
 
 def forward_flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """FLOPs of one forward pass per token: l·(8·d² + 6·d·f + 4·s·d) + 2·d·V."""
-    d, f = args.dim, args.hidden_dim
-    per_layer = 8 * d * d + 6 * d * f + 4 * seq_len * d
+    """FLOPs of one forward pass per token: l·(4·d² + 4·d·k + 6·d·f + 4·s·d) + 2·d·V."""
+    d, k, f = args.dim, args.kv_dim, args.hidden_dim
+    per_layer = 4 * d * d + 4 * d * k + 6 * d * f + 4 * seq_len * d
     return float(args.n_layers * per_layer + 2 * d * args.vocab_size)
 
 

@@ -46,6 +46,27 @@ def test_matches_6n_plus_attention() -> None:
     assert model_flops_per_token(args, 2048) == pytest.approx(expected, rel=1e-12)
 
 
+def test_grouped_query_attention_counts_the_narrower_k_and_v() -> None:
+    """Llama-3-8B's shape (8 KV heads of 128): k and v are 4096 x 1024, and 6·N_matmul +
+    12·l·s·d still holds with N from ``num_params`` (8,030,261,248)."""
+    args = ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+    )
+    assert args.num_params() == 8_030_261_248
+    n_matmul = args.num_params() - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim
+    expected = 6 * n_matmul + 12 * args.n_layers * 8192 * args.dim
+    assert model_flops_per_token(args, 8192) == pytest.approx(expected, rel=1e-12)
+    mha = ModelArgs(**{**args.__dict__, "n_kv_heads": None})
+    saved = 32 * 2 * (2 * 4096 * (4096 - 1024))  # per layer k and v: 2 FLOPs per weight fewer
+    assert forward_flops_per_token(mha, 8192) - forward_flops_per_token(args, 8192) == saved
+
+
 def test_llama_65b_published_mfu() -> None:
     """380 tokens/s/GPU on A100 (312 TFLOP/s bf16): 47.6% by 6N, 49.6% with attention."""
     args = ModelArgs(dim=8192, n_layers=80, n_heads=64, vocab_size=32000)
