@@ -24,7 +24,8 @@ safe on a live run. It shows:
   ``LOG_TAIL_BYTES`` of each log.
 
 It reads the tails of the logs and of ``metrics.jsonl``, not the whole files,
-so it takes about a second at 2,048 ranks (``bench/status_scale.py``).
+so gathering the status takes about a second at 2,048 ranks, whatever the
+logs' size (``bench/status_scale.py``).
 ``--follow`` refreshes with a progress bar until the run ends; between
 refreshes it keeps what it read (``StatusReader``), so a refresh reads the
 heartbeats and only the bytes appended to the logs and metrics since the last
