@@ -7,8 +7,8 @@
   every rank's weight-gradient shard. When tp exceeds the KV heads each KV
   head is replicated on ``tp / n_kv_heads`` ranks: every replica must hold
   the full (summed) gradient of the one logical weight, bit for bit the same;
-- the whole tiny model with 2 KV heads at tp = 4 (replicated KV) against
-  tp = 1: identical initial shards, logits, loss and gathered gradients, and
+- the whole tiny model with 2 KV heads at tp = 4 (replicated KV), with and
+  without sequence parallelism, against tp = 1: identical initial shards, logits, loss and gathered gradients, and
   ``load_full_state_dict`` / ``full_state_dict`` give back a full state
   exactly (one replica per KV head).
 """
@@ -157,7 +157,7 @@ TINY_GQA = ModelArgs(
 
 def _model_check(rank: int, ws: int) -> None:
     args = TINY_GQA
-    tokens = torch.randint(0, args.vocab_size, (2, 13), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(6))
     ref = Transformer(args, seed=7)
     logits = ref(tokens[:, :-1])
     ref_loss = ref.loss(logits, tokens[:, 1:]).mean()
@@ -166,22 +166,25 @@ def _model_check(rank: int, ws: int) -> None:
     ref_weights = ref.full_state_dict()
 
     groups = ProcessGroups.build(Layout(tp=ws))
-    model = Transformer(args, groups=groups, seed=7)
-    wk = model.layers["0"].attention.wk.weight
-    assert wk.shape == (args.head_dim, args.dim)  # one KV head, replicated ws / 2 times
-    for name, p in model.named_parameters():  # the initial shards are the tp=1 tensors'
-        torch.testing.assert_close(
-            gather_full(p, groups.tp_group), ref_weights[name], rtol=0, atol=0
-        )
-    logits = model(tokens[:, :-1])
-    loss = model.loss(logits, tokens[:, 1:]).mean()
-    loss.backward()
-    torch.testing.assert_close(model.gather_logits(logits), ref_logits, **TOL)
-    torch.testing.assert_close(loss.detach(), ref_loss.detach(), **TOL)
-    grads = model.full_state_dict(grads=True)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m, n=name: n)
+    for sp in (False, True):  # sequence parallel: K and V see the all-gathered sequence
+        model = Transformer(args, groups=groups, seed=7, sequence_parallel=sp)
+        wk = model.layers["0"].attention.wk.weight
+        assert wk.shape == (args.head_dim, args.dim)  # one KV head, replicated ws / 2 times
+        for name, p in model.named_parameters():  # the initial shards are the tp=1 tensors'
+            torch.testing.assert_close(
+                gather_full(p, groups.tp_group), ref_weights[name], rtol=0, atol=0
+            )
+        logits = model(tokens[:, :-1])
+        loss = model.loss(logits, tokens[:, 1:]).mean()
+        loss.backward()
+        torch.testing.assert_close(model.gather_logits(logits), ref_logits, **TOL)
+        torch.testing.assert_close(loss.detach(), ref_loss.detach(), **TOL)
+        grads = model.full_state_dict(grads=True)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(
+                grads[name], ref_grads[name], **TOL, msg=lambda m, n=f"sp={sp} {name}": n
+            )
 
     # load a different full state and gather it back exactly: each replica got its head
     other = Transformer(args, seed=99).full_state_dict()
