@@ -74,9 +74,15 @@ __all__ = [
 
 @dataclass
 class RopeScalingConfig:
-    """Llama 3.1's rotary frequency scaling (``model_parallel.args.RopeScaling``)."""
+    """Llama 3.1's rotary frequency scaling (``model_parallel.args.RopeScaling``).
 
-    factor: float = 8.0
+    ``factor: 1.0`` (the default) is no scaling: the rule then leaves every
+    frequency as it is. A section rather than null, so that a command line can
+    set one field (``model.rope_scaling.factor=8``; OmegaConf cannot merge
+    into a null section).
+    """
+
+    factor: float = 1.0  # Llama 3.1: 8
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
@@ -108,7 +114,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     rope_theta: float = 10000.0  # Llama 3: 500000
-    rope_scaling: RopeScalingConfig | None = None  # Llama 3.1's long-context scaling
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # Llama 3.1
     init_std: float = 0.02
     # Start from these weights (a Hugging Face LlamaForCausalLM directory, or a
     # Meta release with params.json) instead of the random init; any layout.
@@ -122,8 +128,8 @@ class ModelConfig:
     def to_args(self) -> ModelArgs:
         """The shape fields, as the model package takes them."""
         values = {f.name: getattr(self, f.name) for f in fields(ModelArgs)}
-        if self.rope_scaling is not None:
-            values["rope_scaling"] = RopeScaling(**asdict(self.rope_scaling))
+        scaled = self.rope_scaling.factor != 1.0
+        values["rope_scaling"] = RopeScaling(**asdict(self.rope_scaling)) if scaled else None
         return ModelArgs(**values)
 
     def validate(self) -> None:
@@ -133,8 +139,7 @@ class ModelConfig:
             positive_float(f"model.{name}", getattr(self, name))
         if self.ffn_dim_multiplier is not None:
             positive_float("model.ffn_dim_multiplier", self.ffn_dim_multiplier)
-        if self.rope_scaling is not None:
-            self.rope_scaling.validate()
+        self.rope_scaling.validate()
         if self.n_kv_heads is not None:
             positive("model.n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads != 0:

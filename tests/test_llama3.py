@@ -192,9 +192,9 @@ def test_the_family_shapes_and_recipes() -> None:
         seq = t.seq_len or m.max_seq_len
         assert t.global_batch_size * seq == 4 * 1024 * 1024, name  # 4M tokens
     l405 = load("model=llama3_405b")
-    assert (
-        l405.model.rope_scaling is not None and l405.model.to_args().rope_scaling == RopeScaling()
-    )
+    assert l405.model.to_args().rope_scaling == RopeScaling()  # Llama 3.1's constants
+    others = [n for n in PUBLISHED if n != "llama3_405b"]
+    assert all(load(f"model={n}").model.to_args().rope_scaling is None for n in others)
     t = l405.train
     assert (t.lr, t.warmup_steps, t.steps, t.seq_len) == (8e-5, 8000, 1_200_000, 4096)
     assert t.lr * t.min_lr_ratio == pytest.approx(8e-7)
@@ -214,6 +214,19 @@ def test_kv_layout_rule_in_config_validation() -> None:
     with pytest.raises(ValueError, match=r"^model.n_kv_heads=5: must divide model.n_heads\(12\)"):
         cfg.model.validate()
     assert isinstance(cfg, Config)
+
+
+def test_rope_scaling_from_the_command_line() -> None:
+    """A single field turns it on; factor 1 (the default) is none."""
+    assert load("model=tiny").model.to_args().rope_scaling is None
+    args = load("model=tiny", "model.rope_scaling.factor=8").model.to_args()
+    assert args.rope_scaling == RopeScaling(factor=8.0)
+    result = run("model=tiny", "model.rope_scaling.high_freq_factor=0.5", "dry_run=true")
+    _assert_one_line_error(
+        result,
+        "error: model.rope_scaling.high_freq_factor=0.5: must be > "
+        "model.rope_scaling.low_freq_factor(1.0)",
+    )
 
 
 def test_bad_kv_layout_is_one_line_and_exit_2() -> None:
