@@ -126,3 +126,45 @@ def test_meta_release_import(tmp_path: Path) -> None:
     assert read_metrics(run / "metrics.jsonl")[0]["loss"] == pytest.approx(
         _first_batch_loss(hf), rel=1e-5
     )
+
+
+GQA = [
+    "model.n_kv_heads=1",  # multi-query: at tp2 the one KV head is on both ranks
+    "model.rope_theta=500000",
+    "model.rope_scaling.factor=4",
+    "model.rope_scaling.original_max_seq_len=32",  # below max_seq_len 128: the scaling acts
+]
+
+
+def test_gqa_llama3_import_into_a_pipeline_and_export(tmp_path: Path) -> None:
+    """A random LlamaForCausalLM with one KV head and llama3 rope scaling starts a
+    tp2 x pp2 run (each stage loads its replicated K/V from the full tensors): the
+    first loss is transformers'; the checkpoint, merged with one copy per KV head,
+    exports to a model from_pretrained loads and that agrees with ours."""
+    from orchestrator.cli import compose_config
+
+    args = compose_config([*BASE, *GQA], conf_dir=REPO / "conf").model.to_args()
+    assert args.num_kv_heads == 1 and args.rope_scaling is not None
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**hf_config(args), attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+
+    run = tmp_path / "run"
+    _run(run, *GQA, "parallel=tp2pp2", "train.steps=1", f"model.init_from={tmp_path / 'hf'}")
+    assert read_metrics(run / "metrics.jsonl")[0]["loss"] == pytest.approx(
+        _first_batch_loss(hf), rel=1e-5
+    )
+    assert export_main([str(run), str(tmp_path / "export")]) == 0
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert exported.config.num_key_value_heads == 1
+    assert exported.config.rope_scaling["rope_type"] == "llama3"
+    state = read_checkpoint(checkpoint_dir(run) / "step_00000001", args, tp=2, pp=2)
+    assert state["layers.0.attention.wk.weight"].shape == (args.head_dim, args.dim)
+    ours = Transformer(args)
+    ours.load_full_state_dict(state)
+    tokens = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            exported(tokens).logits, ours.gather_logits(ours(tokens)), rtol=1e-4, atol=1e-5
+        )
