@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 
 from orchestrator import integrity
+from orchestrator.run_files import checkpoint_dir as checkpoint_dir
+from orchestrator.run_files import latest_tag as latest_tag
 from orchestrator.safe_load import use_safe_loading
 
 if TYPE_CHECKING:
@@ -65,21 +67,8 @@ class NoUsableCheckpoint(RuntimeError):
     """Every checkpoint of a run is damaged."""
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def latest_tag(run_dir: Path) -> str | None:
-    """The newest complete checkpoint's name, or None."""
-    pointer = checkpoint_dir(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
 
 
 @dataclass(frozen=True)

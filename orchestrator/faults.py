@@ -97,7 +97,7 @@ class Heartbeat:
     ``interval_s``; the latest one waits in memory and ``flush_due`` (the
     watchdog's tick) writes it once the interval has passed, so the file lags
     the rank by at most ``interval_s`` plus a tick. Any other phase change is
-    written at once.
+    written at once, and repeated every interval while the phase lasts.
     """
 
     def __init__(self, run_dir: Path, rank: int, *, interval_s: float = 5.0) -> None:
@@ -111,6 +111,7 @@ class Heartbeat:
         self.writes = 0
         self._kind: str | None = None
         self._pending: dict[str, Any] | None = None
+        self._last: dict[str, Any] | None = None
         self._written_at = -math.inf
         self._lock = threading.Lock()
 
@@ -140,9 +141,18 @@ class Heartbeat:
                 self._write()
 
     def flush_due(self) -> None:
-        """Write the beat held back by the rate limit once its interval has passed."""
+        """Once an interval has passed since the last write: write the beat held back by
+        the rate limit, or, in a phase outside training (start-up, a save, an
+        evaluation), the same beat again with the time now, so that a long phase is
+        not mistaken for a dead rank. In training a rank that stops stepping stops
+        beating: its file's age is the time since its last step began.
+        """
         with self._lock:
-            if self._pending and time.monotonic() - self._written_at >= self.interval_s:
+            if time.monotonic() - self._written_at < self.interval_s:
+                return
+            if self._pending is None and self._kind not in (_TRAINING, "exited", None):
+                self._pending = self._last
+            if self._pending is not None:
                 self._pending["time"] = time.time()
                 self._write()
 
@@ -151,7 +161,8 @@ class Heartbeat:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._pending))
         os.replace(tmp, self.path)
-        self._pending, self._written_at = None, time.monotonic()
+        self._last, self._pending = self._pending, None
+        self._written_at = time.monotonic()
         self.writes += 1
 
     def laggards(self, *, world_size: int, since: float) -> tuple[list[dict[str, Any]], list[int]]:

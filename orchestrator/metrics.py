@@ -15,9 +15,10 @@ import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only where a rank measures memory: status starts without it
+    import torch
 
 
 @dataclass
@@ -94,6 +95,8 @@ def format_duration(seconds: float | None) -> str:
 def peak_memory_gb(device: torch.device) -> float:
     """This process's peak memory on its device: CUDA's max allocated, else peak RSS."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in KiB on Linux, bytes on macOS.

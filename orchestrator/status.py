@@ -39,61 +39,32 @@ and the plot.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from orchestrator.checkpoint import checkpoint_dir, latest_tag
 from orchestrator.metrics import MetricsTail, format_duration
+from orchestrator.run_files import checkpoint_dir, latest_tag
+from orchestrator.status_logs import LogTails
+from orchestrator.status_ranks import (
+    HEARTBEAT_INTERVAL_S,
+    RankBeat,
+    find_stragglers,
+    read_heartbeats,
+)
 from orchestrator.status_view import plot, render
 
 EXIT_BAD_INPUT = 2
 JOB_ID_FILES = ("job_id", "slurm_job_id")  # a plain job id, if the submitter recorded one
-STRAGGLER_FACTOR = 1.3
-STRAGGLER_MIN_SHARE = 0.05  # of the step time
-STEP_LAG_STEPS = 2.0  # a rank more steps than this behind the others, at one time, is named
-STEP_LAG_SHARE = 0.2  # plus this share of the steps carried forward by a recent mean step time
-HEARTBEAT_INTERVAL_S = 5.0  # faults.heartbeat_interval_s when the config has none
-BEAT_LATE_S = 2.0  # a held-back beat is written by the watchdog's tick (1 s), clocks differ
-TRAINING_PHASE = "training"  # the phase of a rank in a step: "training step N"
-LOG_TAIL_BYTES = 64 * 1024  # read from the end of each rank's log for its last errors
-READ_THREADS = 16  # files read at once (logs, heartbeats)
-_T = TypeVar("_T")
 _SLURM_OUT = re.compile(r"^slurm-(\d+)\.out$")
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")  # at a line's start
-_PROBLEM = re.compile(r"\] (WARNING|ERROR|CRITICAL) |\b\w*(Error|Exception)\b:|^Traceback|^error:")
-_PROBLEM_WORD = re.compile(r"WARNING|ERROR|CRITICAL|Error|Exception|Traceback")  # and error:
-
-
-@dataclass
-class RankBeat:
-    rank: int
-    host: str
-    pid: int
-    step: int
-    phase: str
-    age_s: float
-    step_time_s: float | None
-    peak_mem_gb: float | None
-    busy_s: float | None = None  # step time minus waits in collectives (orchestrator.commwait)
-    time: float = 0.0  # of the beat (Unix seconds)
-    phase_s: float = 0.0  # in this phase so far: since ``phase_since``, else since the beat
-
-    @property
-    def exited(self) -> bool:
-        return self.phase == "exited"
 
 
 @dataclass
@@ -210,49 +181,6 @@ def _last_step(last: dict[str, Any] | None) -> int:
     return int(last["step"]) if last else 0
 
 
-def read_heartbeats(run_dir: Path) -> list[RankBeat]:
-    """Every rank's last heartbeat; a file being replaced right now is left out."""
-    folder = run_dir / "heartbeats"
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith("rank_") and n.endswith(".json")]
-    except FileNotFoundError:
-        return []
-    now = time.time()
-    beats = []
-    for data in _read_all(lambda name: _read_or_none(folder / name), names):
-        try:
-            beats.append(_beat(json.loads(data or b""), now=now))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return sorted(beats, key=lambda b: b.rank)
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
-def _beat(b: dict[str, Any], *, now: float) -> RankBeat:
-    step_time, memory, busy = b.get("step_time_s"), b.get("peak_mem_gb"), b.get("busy_s")
-    beat_time = float(b["time"])
-    since = b.get("phase_since")
-    return RankBeat(
-        rank=int(b["rank"]),
-        host=str(b.get("host", "?")),
-        pid=int(b.get("pid", 0)),
-        step=int(b["step"]),
-        phase=str(b.get("phase", "?")),
-        age_s=max(0.0, now - beat_time),
-        step_time_s=None if step_time is None else float(step_time),
-        peak_mem_gb=None if memory is None else float(memory),
-        busy_s=None if busy is None else float(busy),
-        time=beat_time,
-        phase_s=max(0.0, now - (beat_time if since is None else float(since))),
-    )
-
-
 def default_stale_after(
     beats: list[RankBeat],
     *,
@@ -339,228 +267,6 @@ def describe_checkpoint(run_dir: Path) -> str:
         return "none yet"
     age = time.time() - (checkpoint_dir(run_dir) / tag).stat().st_mtime
     return f"{tag} ({format_duration(age)} old)"
-
-
-def find_stragglers(
-    beats: list[RankBeat], *, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
-) -> list[str]:
-    """Ranks whose busy time (else step time) is over ``STRAGGLER_FACTOR`` x the median,
-    then ranks behind the others (``lagging_ranks``).
-
-    Synchronous ranks share one step time, so the busy time (the step minus
-    the waits in collectives) is what tells the slow rank: the others wait for
-    it. A difference under ``STRAGGLER_MIN_SHARE`` of the step is noise.
-    """
-    live = [b for b in beats if not b.exited]
-    out = _slow_ranks(live, busy=all(b.busy_s is not None for b in live))
-    return out + lagging_ranks(live, heartbeat_interval_s=heartbeat_interval_s)
-
-
-def lagging_ranks(live: list[RankBeat], *, heartbeat_interval_s: float) -> list[str]:
-    """Ranks more than ``STEP_LAG_STEPS`` behind the leading rank, both estimated at one time.
-
-    A training rank beats at most every ``heartbeat_interval_s``, so beats are
-    up to an interval apart; each training rank's step is carried forward from
-    its beat to the newest beat by its step time (the median's when it has
-    none). A rank quiet for longer than an interval, ``BEAT_LATE_S`` and two
-    steps has not gone on (it would have beaten), nor has a rank outside
-    training (start-up, evaluation, a checkpoint save): they keep their step. The step time is a
-    recent mean, so the slack grows by ``STEP_LAG_SHARE`` of the steps carried.
-    """
-    if len(live) < 2:
-        return []
-    known = [b.step_time_s for b in live if b.step_time_s]
-    typical = statistics.median(known) if known else None
-    now = max(b.time for b in live)
-    interval = heartbeat_interval_s
-    at = {
-        b.rank: _step_at(b, now, step_time=b.step_time_s or typical, interval_s=interval)
-        for b in live
-    }
-    lead = max(live, key=lambda b: at[b.rank][0])
-    top, top_carried = at[lead.rank]
-    out = []
-    for b in live:
-        step, carried = at[b.rank]
-        lag = top - step
-        if lag > STEP_LAG_STEPS + STEP_LAG_SHARE * max(top_carried, carried):
-            out.append(
-                f"rank {b.rank} ({b.host}): at step {b.step}, about {lag:.0f} steps behind "
-                f"the others (rank {lead.rank} at step {lead.step})"
-            )
-    return out
-
-
-def _step_at(
-    b: RankBeat, now: float, *, step_time: float | None, interval_s: float
-) -> tuple[float, float]:
-    """(this rank's step estimated at ``now``, the steps of it carried forward from its beat)."""
-    quiet_s = now - b.time
-    training = b.phase.startswith(TRAINING_PHASE)
-    if not step_time or not training or quiet_s > interval_s + BEAT_LATE_S + 2 * step_time:
-        return float(b.step), 0.0
-    return b.step + quiet_s / step_time, quiet_s / step_time
-
-
-def _slow_ranks(live: list[RankBeat], *, busy: bool) -> list[str]:
-    values = {b.rank: (b.busy_s if busy else b.step_time_s) or 0.0 for b in live}
-    if len([v for v in values.values() if v]) < 2:
-        return []
-    median = statistics.median(values.values())
-    step = max(b.step_time_s or 0.0 for b in live)
-    out = []
-    for b in live:
-        value = values[b.rank]
-        if value > STRAGGLER_FACTOR * median and value - median > STRAGGLER_MIN_SHARE * step:
-            step_time = b.step_time_s or 0.0
-            what = (
-                f"busy {value:.3f}s of a {step_time:.3f}s step"
-                if busy
-                else f"{value:.3f}s per step"
-            )
-            out.append(
-                f"rank {b.rank} ({b.host}): {what}, {value / max(median, 1e-9):.1f} x the "
-                f"median {median:.3f}s"
-            )
-    return out
-
-
-@dataclass
-class _LogTail:
-    ident: tuple[int, int]  # (device, inode): a new file under the same name is read anew
-    offset: int = 0  # the end of the last whole line read
-    stamp: str = ""  # the newest timestamp read so far
-    found: list[tuple[str, str]] = field(default_factory=list)  # newest problems, oldest first
-
-
-class LogTails:
-    """The newest warning and error lines of every ``*.log`` in a folder, each read from its tail.
-
-    The first read of a log takes its last ``tail_bytes`` from the first whole
-    line on; later reads (``--follow``) take only the bytes appended since, at
-    most ``tail_bytes`` again, so a problem further back than that from a log's
-    end is not seen. A log that shrank or was replaced is read anew. A last line
-    still being written (no newline yet) waits for the next read.
-    """
-
-    def __init__(self, folder: Path, *, tail_bytes: int = LOG_TAIL_BYTES, limit: int = 5) -> None:
-        self.folder = folder
-        self.tail_bytes = tail_bytes
-        self.limit = limit
-        self._tails: dict[str, _LogTail] = {}
-
-    def refresh(self) -> list[str]:
-        """The newest ``limit`` problem lines over all logs, oldest first (``name: line``)."""
-        try:
-            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".log"))
-        except FileNotFoundError:
-            names = []
-        tails = {}
-        for name, got in zip(names, _read_all(self._fetch, names), strict=True):
-            if got is not None:
-                tails[name] = self._take(*got)
-        self._tails = tails
-        found = [(stamp, name, text) for name, t in tails.items() for stamp, text in t.found]
-        found.sort(key=lambda item: item[0])  # stable: a file's own order among equal stamps
-        return [f"{name}: {text}" for _, name, text in found[-self.limit :]]
-
-    def _fetch(self, name: str) -> tuple[_LogTail, int, bytes] | None:
-        """A log's state (new if the file is) and the bytes to read on: from where, which."""
-        path = self.folder / name
-        tail = self._tails.get(name)
-        try:
-            st = os.stat(path)
-            ident = (st.st_dev, st.st_ino)
-            if tail is None or tail.ident != ident or st.st_size < tail.offset:
-                tail = _LogTail(ident)
-            if st.st_size == tail.offset:
-                return tail, tail.offset, b""
-            start = max(tail.offset, st.st_size - self.tail_bytes)
-            if start > tail.offset:  # bytes skipped: a whole line starts after the byte before
-                start -= 1
-            with path.open("rb") as f:
-                f.seek(start)
-                return tail, start, f.read(st.st_size - start)
-        except OSError:
-            return None
-
-    def _take(self, tail: _LogTail, start: int, data: bytes) -> _LogTail:
-        """Read on in ``tail`` with ``data``, the bytes from ``start`` to the end of the log."""
-        first = data.find(b"\n") + 1 if start > tail.offset else 0
-        end = data.rfind(b"\n") + 1
-        if end <= first:  # no whole line yet: read on from the first whole one next time
-            tail.offset = start + first if first else tail.offset
-            return tail
-        tail.offset = start + end
-        found, tail.stamp = _problems(data[first:end].decode(errors="replace"), tail.stamp)
-        tail.found = (tail.found + found)[-self.limit :]
-        return tail
-
-
-def _read_all(read: Callable[[str], _T], names: list[str]) -> list[_T]:
-    """``read`` of every name, in ``READ_THREADS`` threads, each a run of the names: a cold
-    disk or a parallel file system makes each file wait, and the waits overlap (reading
-    releases the GIL)."""
-    if len(names) < 2 * READ_THREADS:
-        return [read(name) for name in names]
-    size = -(-len(names) // READ_THREADS)
-    runs = [names[i : i + size] for i in range(0, len(names), size)]
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        return [got for run in pool.map(lambda run: [read(n) for n in run], runs) for got in run]
-
-
-def _problems(text: str, stamp: str) -> tuple[list[tuple[str, str]], str]:
-    """The warning and error lines of ``text`` (whole lines), each with the timestamp of
-    the newest line at or before it (``stamp`` before the first), and the last timestamp.
-    """
-    found = []
-    done = 0  # timestamps are known up to here
-    for start in _candidate_lines(text):
-        end = text.find("\n", start)
-        end = len(text) if end < 0 else end
-        line = text[start:end]
-        if _PROBLEM.search(line):
-            stamp, done = _stamp_before(text, end, done, stamp), end
-            found.append((stamp, line.strip()))
-    return found, _stamp_before(text, len(text), done, stamp)
-
-
-def _candidate_lines(text: str) -> list[int]:
-    """Where the lines start that hold a word of ``_PROBLEM``, in order.
-
-    A search for the words (in C) picks them, so most lines are never looked at
-    from Python; ``error:`` is searched apart, at line starts only (in the same
-    pattern it would halve the search's speed: ``e`` is everywhere).
-    """
-    hits = [m.start() for m in _PROBLEM_WORD.finditer(text)]
-    at = text.find("\nerror:")
-    while at >= 0:
-        hits.append(at + 1)
-        at = text.find("\nerror:", at + 1)
-    if text.startswith("error:"):
-        hits.append(0)
-    return sorted({text.rfind("\n", 0, hit) + 1 for hit in hits})
-
-
-def _stamp_before(text: str, end: int, done: int, stamp: str) -> str:
-    """The timestamp of the newest line of ``text`` that starts in ``[done, end]``, else ``stamp``."""
-    pos = end
-    while pos >= 0:
-        start = text.rfind("\n", 0, pos) + 1
-        if start < done:
-            break
-        if m := _TIMESTAMP.match(text, start):
-            return m.group(0)
-        pos = start - 1
-    return stamp
-
-
-def last_errors(run_dir: Path, *, limit: int = 5, tail_bytes: int = LOG_TAIL_BYTES) -> list[str]:
-    """The newest warning and error lines over all ranks' logs, oldest first.
-
-    Each log is read from its last ``tail_bytes`` only (``LogTails``).
-    """
-    return LogTails(run_dir / "logs", tail_bytes=tail_bytes, limit=limit).refresh()
 
 
 def follow(run_dir: Path, *, interval_s: float, stale_after_s: float | None) -> int:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.metrics import format_duration, read_metrics
 
 if TYPE_CHECKING:  # status.py imports this module
-    from orchestrator.status import RankBeat, RunStatus
+    from orchestrator.status import RunStatus
+    from orchestrator.status_ranks import RankBeat
 
 STARTUP_PHASE = "start-up"  # the phases of a rank before its first step: "start-up: rendezvous"
 NAMED_RANKS = 8  # ranks named in the start-up line's smallest group

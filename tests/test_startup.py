@@ -157,6 +157,24 @@ def test_training_beats_are_rate_limited_and_phase_changes_are_not(tmp_path: Pat
     assert hb.writes == 4 and record["step"] == 49 and record["phase"] == "training step 50"
     hb.beat(49, "checkpoint save")
     assert hb.writes == 5 and json.loads(hb.path.read_text())["phase"] == "checkpoint save"
+    # A long phase outside training is repeated each interval: the rank is alive.
+    saved = json.loads(hb.path.read_text())
+    written = saved["time"]
+    hb.flush_due()
+    assert hb.writes == 5
+    time.sleep(0.6)
+    hb.flush_due()
+    again = json.loads(hb.path.read_text())
+    assert hb.writes == 6 and again["phase"] == "checkpoint save" and again["time"] > written
+    assert again["phase_since"] == saved["phase_since"]  # the phase began at the save
+    # In training a rank that stops stepping stops beating.
+    hb.beat(50, "training step 51")
+    time.sleep(0.6)
+    hb.flush_due()
+    writes = hb.writes
+    time.sleep(0.6)
+    hb.flush_due()
+    assert hb.writes == writes
 
 
 def _write_beat(run_dir: Path, rank: int, step: int, phase: str, when: float) -> None:
