@@ -4,6 +4,7 @@ of the config schema (``orchestrator.config``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from omegaconf import MISSING
 
@@ -22,6 +23,9 @@ from orchestrator.config_rules import (
     slurm_name,
 )
 
+if TYPE_CHECKING:
+    from orchestrator.cpu_probe import RankCpus
+
 
 @dataclass
 class ClusterConfig:
@@ -32,9 +36,11 @@ class ClusterConfig:
     gpus_per_node: int = MISSING
     device: str = MISSING
     device_memory_gb: float = MISSING
-    peak_tflops: float = MISSING  # bf16 dense peak per device
+    # bf16 dense peak per device. null (CPU clusters only): measured on each host
+    # (orchestrator.cpu_probe), in each precision, for one rank's share of the node.
+    peak_tflops: float | None = MISSING
     # fp32 dense peak per device (no TF32), what train.precision=fp32 runs' MFU and
-    # step time are measured against; None: peak_tflops.
+    # step time are measured against; None: peak_tflops (measured when that is null).
     peak_tflops_fp32: float | None = None
     # "slurm": launcher=auto submits a layout that does not fit on this machine
     # with sbatch; "none": this machine only.
@@ -64,29 +70,76 @@ class ClusterConfig:
     # direction), the network between nodes (A100 clusters: one 200 Gb/s HDR
     # InfiniBand link per GPU = 25 GB/s).
     compute_efficiency: float = 0.6
-    intra_node_bandwidth_gbs: float = 300.0
+    # null (CPU clusters only): gloo's measured on this host (orchestrator.cpu_probe).
+    intra_node_bandwidth_gbs: float | None = 300.0
     inter_node_bandwidth_gbs: float = 25.0
     # Framework allowance per device: CUDA context, NCCL and DeepSpeed buffers,
     # allocator fragmentation (not counted item by item).
     memory_overhead_gb: float = 3.0
 
-    def peak_for(self, precision: str) -> float:
-        """The dense peak (TFLOP/s per device) of ``precision``'s matmuls."""
+    def peak_for(self, precision: str, *, ranks_per_node: int | None = None) -> float:
+        """The dense peak (TFLOP/s per device) of ``precision``'s matmuls.
+
+        A CPU cluster with ``peak_tflops`` null measures it (``peak_source``).
+        """
+        return self.peak_source(precision, ranks_per_node=ranks_per_node)[0]
+
+    def peak_source(
+        self, precision: str, *, ranks_per_node: int | None = None
+    ) -> tuple[float, str]:
+        """(TFLOP/s per device, where it came from) for ``precision``.
+
+        Configured: ``peak_tflops_fp32`` (fp32) or ``peak_tflops``. Measured:
+        this host's matmul peak at one rank's thread count times its share of
+        the cores, with ``ranks_per_node`` ranks (None: the launcher's count in a
+        worker, else 1).
+        """
         if precision == "fp32" and self.peak_tflops_fp32 is not None:
-            return self.peak_tflops_fp32
-        return self.peak_tflops
+            return self.peak_tflops_fp32, "from cluster.peak_tflops_fp32"
+        if self.peak_tflops is not None:
+            return self.peak_tflops, "from cluster.peak_tflops"
+        from orchestrator import cpu_probe  # torch, only when measuring
+
+        cpus = self.rank_cpus(ranks_per_node=ranks_per_node)
+        peaks, path = cpu_probe.measured_peaks(cpus.threads)
+        tflops = peaks["fp32" if precision == "fp32" else "bf16"] * cpus.share
+        return tflops, f"measured on this host ({cpus.describe()}), cached {path}"
+
+    def rank_cpus(self, *, ranks_per_node: int | None = None) -> RankCpus:
+        """How a CPU node's cores are shared by ``ranks_per_node`` ranks (None: as launched)."""
+        from orchestrator import cpu_probe
+
+        ranks = ranks_per_node or cpu_probe.launched_ranks_per_node() or 1
+        slurm = self.scheduler == "slurm" and self.tasks_per_node is not None
+        return cpu_probe.rank_cpus(
+            ranks_per_node=ranks, cpus_per_task=self.cpus_per_task if slurm else None
+        )
 
     def validate(self) -> None:
         if self.nodes is not None:
             positive("cluster.nodes", self.nodes)
         non_negative("cluster.gpus_per_node", self.gpus_per_node)
         positive_float("cluster.device_memory_gb", self.device_memory_gb)
-        positive_float("cluster.peak_tflops", self.peak_tflops)
+        if self.peak_tflops is None and self.gpus_per_node > 0:
+            raise fail(
+                "cluster.peak_tflops",
+                None,
+                "a GPU cluster states its peak (null, measure it, is for CPU clusters)",
+            )
+        if self.peak_tflops is not None:
+            positive_float("cluster.peak_tflops", self.peak_tflops)
         if self.peak_tflops_fp32 is not None:
             positive_float("cluster.peak_tflops_fp32", self.peak_tflops_fp32)
         if not 0 < self.compute_efficiency <= 1:
             raise fail("cluster.compute_efficiency", self.compute_efficiency, "must be in (0, 1]")
-        positive_float("cluster.intra_node_bandwidth_gbs", self.intra_node_bandwidth_gbs)
+        if self.intra_node_bandwidth_gbs is None and self.gpus_per_node > 0:
+            raise fail(
+                "cluster.intra_node_bandwidth_gbs",
+                None,
+                "a GPU cluster states it (null, measure it, is for CPU clusters)",
+            )
+        if self.intra_node_bandwidth_gbs is not None:
+            positive_float("cluster.intra_node_bandwidth_gbs", self.intra_node_bandwidth_gbs)
         positive_float("cluster.inter_node_bandwidth_gbs", self.inter_node_bandwidth_gbs)
         if self.memory_overhead_gb < 0:
             raise fail("cluster.memory_overhead_gb", self.memory_overhead_gb, "must be >= 0")
