@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from orchestrator import cpu_allocator
+from orchestrator import cpu_allocator, cpu_costs
 from orchestrator.config import Config
 from orchestrator.faults import Heartbeat
 from orchestrator.flops import hardware_flops_per_token, model_flops_per_token
@@ -246,7 +246,10 @@ def loss_scale(engine: Any, precision: str) -> float | None:
 
 
 def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
-    """The start-up summary rank 0 prints once: layout, sizes, estimates, where, from where."""
+    """The start-up summary rank 0 prints once: layout, sizes, estimates, where, from where.
+
+    A warning of the estimate (bf16 emulated on this CPU) is also logged as one.
+    """
     par = cfg.parallel
     args = cfg.model.to_args()
     flops = model_flops_per_token(args, plan.seq_len)
@@ -267,12 +270,27 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
         f"steps: {cfg.train.steps} x {plan.global_batch_size * plan.seq_len:,} tokens "
         f"(seq {plan.seq_len}); log every {cfg.train.log_interval}",
         f"model FLOPs per token: {flops:.4g} (6N + 12*l*s*d, orchestrator.flops); "
-        f"device peak {cfg.cluster.peak_for(cfg.train.precision):g} TFLOP/s ({cfg.train.precision})",
+        f"{_peak_phrase(cfg, plan)}",
         *allocator,
         *estimate,
         "=" * 72,
     ]
+    for line in summary.splitlines():
+        if line.startswith("warning: "):
+            log.warning("%s", line.removeprefix("warning: "))
     return "\n".join(lines)
+
+
+def _peak_phrase(cfg: Config, plan: Plan) -> str:
+    """``device peak X TFLOP/s (precision)``, and whether it was measured or configured."""
+    precision = cfg.train.precision
+    try:
+        ranks = cpu_costs.ranks_per_node(plan)
+        peak, source = cfg.cluster.peak_source(precision, ranks_per_node=ranks)
+    except Exception as exc:  # the banner never stops a run
+        return f"device peak not known ({type(exc).__name__}: {exc})"
+    where = "measured on this host" if source.startswith("measured") else source
+    return f"device peak {peak:.3g} TFLOP/s ({precision}), {where}"
 
 
 def estimate_lines(cfg: Config, plan: Plan) -> list[str]:

@@ -70,20 +70,46 @@ in the run's precision (``cluster.peak_for``) x ``compute_efficiency``,
 stages assumed balanced; tp all-reduces (4 per layer per micro-batch, 6 with
 recomputation, of s·b·h·e bytes, a ring moving 2(t-1)/t of it) over NVLink; the 1F1B bubble (p-1)/m of the busy time,
 i.e. (p-1)/(m+p-1) of the pipeline's time; pipeline sends (2 per micro-batch,
-s·b·h·e/t bytes) on the critical path; the dp gradient reduction
+s·b·h·e/t bytes) on the critical path, each followed by a tp all-gather of the
+rest when DeepSpeed partitions them (tp > 1 without sequence parallelism); the dp gradient reduction
 (2(d-1)/d x Psi' elements, 1.5x that at ZeRO-3; fp32 in fp32 and bf16,
 fp16 in fp16) after the last micro-batch.
 Nothing is assumed to overlap.
+
+**On a CPU cluster** (``gpus_per_node == 0``) the host's own numbers
+(``orchestrator.cpu_probe``, measured once and cached) replace what a GPU
+cluster states, unless the config sets them:
+
+- the peak is the matmul probe's at one rank's thread count times the rank's
+  share of the cores (ranks on a node share its cores: 4 single-thread ranks
+  on 2 cores each run half the time);
+- every collective also costs a measured latency: gloo all-reduces of two
+  ranks (x (t-1) for a ring of t) for each of the tp all-reduces above plus the
+  embedding's or output's and the loss's three per micro-batch, one per
+  pipeline send and per partitioned all-gather, two per dp reduction; the
+  probe runs as many processes as the run puts on the node, so waiting for a
+  time-shared peer is in it; ``intra_node_bandwidth_gbs: null`` takes its
+  measured bandwidth;
+- per step, the framework's optimiser step: the probe's fp32 AdamW seconds
+  per parameter x the stage's parameters, over the rank's share.
+
+On a GPU cluster collective latencies and framework time are not modelled
+(the plan says so). Not modelled anywhere: other processes' load on the same
+cores, the slowdown of a multi-threaded rank whose threads are descheduled,
+DeepSpeed's bf16 bookkeeping (fp32 gradient copies), data loading.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from model_parallel.args import ModelArgs
+from orchestrator import cpu_costs
 from orchestrator.config import ClusterConfig, Config
+from orchestrator.cpu_costs import CpuHost, ranks_per_node
 from orchestrator.flops import hardware_flops_per_token, model_flops_per_token
 
 if TYPE_CHECKING:  # plan.py imports this module
@@ -272,10 +298,12 @@ class StepTime:
     bubble: float
     pp_comm: float
     dp_comm: float
+    framework: float | None = None  # per-step framework time (CPU, measured); None: not modelled
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm
+        busy = self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm
+        return busy + (self.framework or 0.0)
 
 
 @dataclass(frozen=True)
@@ -288,6 +316,9 @@ class Estimate:
     mfu: float
     device_memory: float  # bytes
     peak_tflops: float  # the device's dense peak in the run's precision
+    peak_source: str = ""  # "from cluster.peak_tflops", "measured on this host (...)"
+    host: CpuHost | None = None  # a CPU plan's measured costs
+    warnings: tuple[str, ...] = ()  # e.g. bf16 emulated on this CPU
 
     @property
     def peak(self) -> StageMemory:
@@ -301,12 +332,15 @@ class Estimate:
 def estimate(cfg: Config, plan: Plan) -> Estimate:
     """Memory per stage and time per step of ``plan`` on ``cfg.cluster``."""
     stages = tuple(stage_memory(cfg, plan, stage) for stage in range(plan.pp))
-    time = step_time(cfg, plan)
+    host = cpu_costs.cpu_host(cfg, plan)
+    time = step_time(cfg, plan, host=host)
     tokens = plan.global_batch_size * plan.seq_len / time.total / plan.world_size
     args = cfg.model.to_args()
-    peak = cfg.cluster.peak_for(cfg.train.precision)
+    peak, source = cfg.cluster.peak_source(cfg.train.precision, ranks_per_node=ranks_per_node(plan))
     mfu = tokens * model_flops_per_token(args, plan.seq_len) / (peak * 1e12)
-    return Estimate(stages, time, tokens, mfu, cfg.cluster.device_memory_gb * GIB, peak)
+    memory = cfg.cluster.device_memory_gb * GIB
+    warnings = cpu_costs.warnings(host, cfg.train.precision)
+    return Estimate(stages, time, tokens, mfu, memory, peak, source, host, warnings)
 
 
 def rank_model_state(
@@ -354,37 +388,52 @@ def stage_memory(cfg: Config, plan: Plan, stage: int) -> StageMemory:
     )
 
 
-def _bandwidth(cluster: ClusterConfig, *, crosses_nodes: bool) -> float:
-    gbs = cluster.inter_node_bandwidth_gbs if crosses_nodes else cluster.intra_node_bandwidth_gbs
-    return gbs * 1e9
+def _bandwidth(cluster: ClusterConfig, *, crosses_nodes: bool, host: CpuHost | None) -> float:
+    if crosses_nodes:
+        return cluster.inter_node_bandwidth_gbs * 1e9
+    if cluster.intra_node_bandwidth_gbs is not None:
+        return cluster.intra_node_bandwidth_gbs * 1e9
+    if host is None or host.comm is None:  # one CPU rank (GPU clusters state the bandwidth)
+        return math.inf
+    return host.comm.bandwidth_gbs * 1e9
 
 
-def step_time(cfg: Config, plan: Plan) -> StepTime:
-    """Seconds per optimiser step (module docstring)."""
+def step_time(cfg: Config, plan: Plan, *, host: CpuHost | None = None) -> StepTime:
+    """Seconds per optimiser step (module docstring); ``host``: a CPU plan's measured costs."""
     args, cluster = cfg.model.to_args(), cfg.cluster
     e = element_bytes(cfg.train.precision)
     recompute = cfg.parallel.activation_checkpointing == "full"
     tokens = plan.global_batch_size * plan.seq_len
     flops = hardware_flops_per_token(args, plan.seq_len, recompute=recompute) * tokens
-    peak = cluster.peak_for(cfg.train.precision) * 1e12
+    peak = cluster.peak_for(cfg.train.precision, ranks_per_node=ranks_per_node(plan)) * 1e12
     compute = flops / plan.world_size / (peak * cluster.compute_efficiency)
     m, p, t, d = plan.num_micro_batches, plan.pp, plan.tp, plan.dp
+    allreduce_s, p2p_s = cpu_costs.latencies(host)
     micro_bytes = plan.micro_batch_size * plan.seq_len * args.dim * e  # one (b, s, h) tensor
     layers_per_stage = args.n_layers / p
     all_reduces = (6 if recompute else 4) * layers_per_stage * m
-    nvlink = _bandwidth(cluster, crosses_nodes=False)
+    nvlink = _bandwidth(cluster, crosses_nodes=False, host=host)
     tp_comm = all_reduces * micro_bytes * 2 * (t - 1) / t / nvlink
+    if t > 1:  # + the embedding's or the output's, and the loss's three (last stage)
+        tp_comm += (all_reduces + (4 if p > 1 else 5) * m) * allreduce_s * (t - 1)
     bubble = (compute + tp_comm) * (p - 1) / m
     gpus = cluster.gpus_per_node
     pipeline_spans_nodes = gpus > 0 and plan.world_size > gpus
-    pp_bw = _bandwidth(cluster, crosses_nodes=pipeline_spans_nodes)
-    pp_comm = 2 * (m + p - 1) * micro_bytes / t / pp_bw if p > 1 else 0.0
+    pp_bw = _bandwidth(cluster, crosses_nodes=pipeline_spans_nodes, host=host)
+    transfers = 2 * (m + p - 1) if p > 1 else 0
+    pp_comm = transfers * (micro_bytes / t / pp_bw + p2p_s)
+    if t > 1 and not cfg.parallel.sequence_parallel:  # DeepSpeed's pipe_partitioned
+        pp_comm += transfers * (micro_bytes * (t - 1) / t / nvlink + allreduce_s * (t - 1))
     stage_params = max(plan.stage_params_per_rank)
     grad_e = 2 if cfg.train.precision == "fp16" else 4  # bf16 reduces in fp32 (engine.py)
     factor = 3 if plan.zero_stage == 3 else 2
-    dp_bw = _bandwidth(cluster, crosses_nodes=gpus > 0 and t * d > gpus)
+    dp_bw = _bandwidth(cluster, crosses_nodes=gpus > 0 and t * d > gpus, host=host)
     dp_comm = factor * (d - 1) / d * stage_params * grad_e / dp_bw
-    return StepTime(compute, tp_comm, bubble, pp_comm, dp_comm)
+    dp_comm += factor * allreduce_s * (d - 1) if d > 1 else 0.0
+    framework = None
+    if host is not None:  # the optimiser's step on this rank's parameters, its share of the cores
+        framework = host.rates["adamw_s_per_param"] * stage_params / host.cpus.share
+    return StepTime(compute, tp_comm, bubble, pp_comm, dp_comm, framework)
 
 
 def _gib(n: float) -> str:
@@ -402,13 +451,18 @@ def format_estimate(est: Estimate, cluster: ClusterConfig) -> list[str]:
     ]
     if len(est.stages) > 1:
         lines.append("memory per stage: " + ", ".join(_gib(s.total) for s in est.stages))
+    framework = "not modelled" if t.framework is None else f"{t.framework:.3f}"
     lines += [
         f"memory verdict: {verdict} in {_gib(est.device_memory)} ({cluster.device}); "
         f"largest item: {peak.largest}",
         f"step time: {t.total:.3f} s = compute {t.compute:.3f} + tp comm {t.tp_comm:.3f} "
         f"+ bubble {t.bubble:.3f} + pp comm {t.pp_comm:.3f} + dp comm {t.dp_comm:.3f} "
-        f"(efficiency {cluster.compute_efficiency} of {est.peak_tflops:g} TFLOP/s)",
+        f"+ framework {framework} "
+        f"(efficiency {cluster.compute_efficiency} of {est.peak_tflops:.3g} TFLOP/s)",
+        f"peak: {est.peak_tflops:.3g} TFLOP/s per device, {est.peak_source}",
+        cpu_costs.latency_line(est.host),
         f"throughput: {est.tokens_per_s_per_device:,.1f} tokens/s per device, "
         f"MFU {100 * est.mfu:.1f}%",
+        *est.warnings,
     ]
     return lines
