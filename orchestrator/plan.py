@@ -248,11 +248,14 @@ def _stage_params_per_rank(
     """Parameters one tp rank holds on each stage.
 
     Attention (wq, wk, wv, wo) and the SwiGLU MLP (w1, w2, w3) are split over tp;
-    the two RMSNorm weights per layer and the final norm are replicated. The
+    wk and wv are ``dim x kv_dim`` (grouped-query attention), and when tp exceeds
+    the KV heads each rank holds a whole one (``kv_replicas`` copies over tp).
+    The two RMSNorm weights per layer and the final norm are replicated. The
     embedding sits on the first stage and the final norm and output on the last.
     """
     dim = args.dim
-    per_layer = (4 * dim * dim + 3 * dim * args.hidden_dim) // tp + 2 * dim
+    kv = 2 * dim * args.kv_dim * args.kv_replicas(tp)
+    per_layer = (2 * dim * dim + kv + 3 * dim * args.hidden_dim) // tp + 2 * dim
     vocab_shard = vocab * dim // tp
     params = []
     for stage, (first, last) in enumerate(stage_layers):

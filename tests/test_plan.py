@@ -240,3 +240,15 @@ def test_auto_picks_the_fastest_layout_that_fits() -> None:
     assert f"parallel=auto: chose tp{best.tp} pp{best.pp} dp{best.dp}" in text
     assert f"parallel=auto: {len(candidates)} valid layouts, {len(fitting)} fit" in text
     assert "#  tp  pp    dp  zero  micro  ckpt  memory GiB  fits  tokens/s/device    MFU" in text
+
+
+@pytest.mark.parametrize(("tp", "replicas"), [(8, 1), (16, 2)])
+def test_gqa_params_per_rank_hold_narrow_kv_and_its_copies(tp: int, replicas: int) -> None:
+    """Llama-3-8B (8 KV heads): K and V are dim x 1024; at tp 16 each KV head is on 2 ranks."""
+    cfg = load("model=llama3_8b", "parallel=tp8pp1", f"parallel.tp={tp}", "dry_run=true")
+    plan = validate_config(cfg)
+    dim, n_layers = cfg.model.dim, cfg.model.n_layers
+    kv = 2 * dim * 1024 * n_layers  # wk and wv of every layer
+    replicated = (2 * n_layers + 1) * dim
+    summed = plan.tp * sum(plan.stage_params_per_rank) - (plan.tp - 1) * replicated
+    assert summed == plan.num_padded_params + (replicas - 1) * kv
