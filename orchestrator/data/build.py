@@ -45,8 +45,10 @@ def resolve_paths(cfg: Config) -> None:
         return
     assert data.tokenizer is not None  # DataConfig.validate
     tokenizer = _absolute(data.tokenizer)
-    if not tokenizer.is_file():
+    if not tokenizer.exists():
         raise ValueError(f"data.tokenizer={data.tokenizer}: no such file ({tokenizer})")
+    if tokenizer.is_dir() and not (tokenizer / "tokenizer.json").is_file():
+        raise ValueError(f"data.tokenizer={data.tokenizer}: a folder without tokenizer.json")
     data.tokenizer = str(tokenizer)
     _check_vocab(cfg, tokenizer)
     if data.kind == "blended":
@@ -71,9 +73,12 @@ def resolve_paths(cfg: Config) -> None:
 
 
 def _check_vocab(cfg: Config, tokenizer_path: Path) -> None:
-    from orchestrator.data.tokenizer import Tokenizer
+    from orchestrator.data.tokenizer import load_tokenizer
 
-    vocab = Tokenizer(tokenizer_path).vocab_size
+    try:
+        vocab = load_tokenizer(tokenizer_path).vocab_size
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.tokenizer={tokenizer_path}: {e}") from None
     if vocab != cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size}: the tokenizer {tokenizer_path.name} "
@@ -103,14 +108,14 @@ def build_sources(
     assert data.tokenizer is not None
     if data.kind == "alpaca":
         from orchestrator.data.alpaca import AlpacaSource, load_records
-        from orchestrator.data.tokenizer import Tokenizer
+        from orchestrator.data.tokenizer import load_tokenizer
 
         assert data.alpaca_path is not None
         records = load_records(Path(data.alpaca_path))
         return (
             AlpacaSource(
                 records,
-                Tokenizer(Path(data.tokenizer)),
+                load_tokenizer(Path(data.tokenizer)),
                 seq_len=seq_len,
                 packing=data.packing,
                 seed=seed,

@@ -54,7 +54,7 @@ from orchestrator.data.documents import (
     parse_record,
 )
 from orchestrator.data.indexed import IndexedDatasetWriter, token_dtype
-from orchestrator.data.tokenizer import Tokenizer
+from orchestrator.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("orchestrator.data.preprocess")
 
@@ -117,7 +117,7 @@ class _BatchEncoder:
     """Parses and tokenizes a batch of records; one per worker process."""
 
     def __init__(self, tokenizer_path: str, sources: Sequence[Source], text_split: str) -> None:
-        self.tokenizer = Tokenizer(tokenizer_path)
+        self.tokenizer = load_tokenizer(tokenizer_path)
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.sources = sources
         self.text_split = text_split
@@ -234,7 +234,7 @@ def preprocess(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     sources = check_inputs(inputs, text_split=text_split)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     summary = Summary(input_bytes=sum(source.size for source in sources))
     reader = Reader(sources, text_split=text_split)
     encoder_args = (str(tokenizer_path), sources, text_split)

@@ -67,7 +67,7 @@ from orchestrator.data.documents import COMPRESSIONS, TEXT_SPLITS, check_inputs,
 from orchestrator.data.indexed import IndexedDataset, shard_paths
 from orchestrator.data.preprocess import _START_METHOD, RaisingArgumentParser, Summary, preprocess
 from orchestrator.data.preprocess_sbatch import render_array_script
-from orchestrator.data.tokenizer import Tokenizer
+from orchestrator.data.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def preprocess_many(
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir={output_dir}: is not a directory")
     check_inputs(inputs, text_split=text_split)
-    Tokenizer(tokenizer_path)  # a missing or bad model fails here, not in every worker
+    load_tokenizer(tokenizer_path)  # a missing or bad model fails here, not in every worker
     shards = plan_shards(inputs, files_per_shard=files_per_shard)
     mine = task_shards(shards, task)
     run = RunSummary(len(shards), len(mine), task)

@@ -8,6 +8,11 @@ NFKC), a dummy prefix space, whitespace kept as it is, ids
 ``unk=0, bos=1, eos=2`` and no pad id. ``Tokenizer`` loads any SentencePiece
 ``.model`` file, ours or Meta's unchanged.
 
+``load_tokenizer`` opens either kind by its file name: a ``tokenizer.json``
+(or a folder holding one: Llama 3's Hugging Face tokenizer, see
+``orchestrator.data.hf_tokenizer``) or a SentencePiece ``.model``. Both offer
+the ``TextTokenizer`` interface.
+
 Command line::
 
     python -m orchestrator.data.tokenizer train --input FILE [FILE ...] \\
@@ -26,7 +31,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sentencepiece as spm
 
@@ -50,6 +55,54 @@ LLAMA_TRAINER_SETTINGS: dict[str, Any] = {
 # SentencePiece skips training sentences longer than this (its default, 4192
 # bytes, drops many real paragraphs); documents are fed line by line.
 MAX_SENTENCE_BYTES = 1 << 16
+
+
+class TextTokenizer(Protocol):
+    """What the preprocessor, the vocabulary check and the Alpaca source use."""
+
+    model_path: Path
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+    def encode_batch(
+        self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, num_threads: int = 1
+    ) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The file ``path`` names: itself, or a folder's ``tokenizer.json``."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "tokenizer.json"
+        if not inside.is_file():
+            raise FileNotFoundError(f"{path}: a folder without tokenizer.json")
+        return inside
+    return path
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """A Hugging Face tokenizer for ``*.json`` (or a folder holding tokenizer.json),
+    else a SentencePiece model."""
+    file = tokenizer_file(path)
+    if file.suffix == ".json":
+        from orchestrator.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(file)
+    return Tokenizer(file)
 
 
 class Tokenizer:
