@@ -20,6 +20,7 @@ from orchestrator.data.build import resolve_paths
 from orchestrator.data.hf_tokenizer import HFTokenizer
 from orchestrator.data.indexed import IndexedDataset
 from orchestrator.data.preprocess import preprocess
+from orchestrator.data.preprocess_many import preprocess_many
 from orchestrator.data.run_index import IndexSpec, RunIndex, SourceSpec, ensure_index
 from orchestrator.data.shards import check_shard
 from orchestrator.data.tokenizer import Tokenizer, load_tokenizer
@@ -82,10 +83,9 @@ def test_special_ids_and_round_trip(byte_bpe: Path) -> None:
     ids = tok.encode(text, bos=True, eos=True)
     assert ids[0] == 0 and ids[-1] == 1 and 0 not in ids[1:-1] and 1 not in ids[1:-1]
     assert tok.decode(ids[1:-1]) == text
-    assert tok.encode_batch([text, "er"], eos=True) == [
-        tok.encode(text, eos=True),
-        tok.encode("er", eos=True),
-    ]
+    expected = [tok.encode(text, eos=True), tok.encode("er", eos=True)]
+    assert tok.encode_batch([text, "er"], eos=True) == expected
+    assert tok.encode_batch([text, "er"], eos=True, num_threads=2) == expected
 
 
 def test_special_token_in_text_is_plain_text(byte_bpe: Path) -> None:
@@ -134,6 +134,18 @@ def test_preprocess_round_trip(tmp_path: Path, byte_bpe: Path, workers: int) -> 
         assert tokens[-1] == tok.eos_id and tok.eos_id not in tokens[:-1]  # eos only, as configured
         decoded.append(tok.decode(tokens[:-1].tolist()))
     assert decoded == texts
+
+
+@pytest.mark.timeout(60)
+def test_preprocess_many_with_a_tokenizer_folder(tmp_path: Path, byte_bpe: Path) -> None:
+    inputs = [write_jsonl(tmp_path / f"{n}.jsonl", make_documents(20, seed=n)) for n in (1, 2)]
+    run = preprocess_many(inputs, tmp_path / "shards", byte_bpe.parent, workers=2)
+    assert not run.failed
+    tok = load_tokenizer(byte_bpe)
+    for n in (1, 2):
+        shard = IndexedDataset(tmp_path / "shards" / str(n))
+        texts = [tok.decode(shard[i][:-1].tolist()) for i in range(len(shard))]
+        assert texts == make_documents(20, seed=n)
 
 
 @pytest.mark.timeout(120)

@@ -85,12 +85,14 @@ class HFTokenizer:
     def encode_batch(
         self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, num_threads: int = 1
     ) -> list[list[int]]:
-        """``[encode(t) for t in texts]`` in one call.
+        """``[encode(t) for t in texts]``; on the library's thread pool when ``num_threads > 1``.
 
-        ``num_threads`` is accepted for ``Tokenizer``'s signature; the
-        ``tokenizers`` library sizes its own thread pool (``RAYON_NUM_THREADS``).
+        ``tokenizers`` sizes its pool itself (``RAYON_NUM_THREADS``, all cores
+        by default), so ``num_threads=1`` (what each preprocessing worker
+        asks) encodes in this thread: a pool per worker would oversubscribe.
         """
-        del num_threads
+        if num_threads == 1:
+            return [self.encode(text, bos=bos, eos=eos) for text in texts]
         encodings = self.tok.encode_batch(list(texts), add_special_tokens=False)
         return [self._wrap(e.ids, bos=bos, eos=eos) for e in encodings]
 

@@ -351,7 +351,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--input", nargs="+", type=Path, required=True, metavar="FILE")
     parser.add_argument("--output-prefix", type=Path, required=True, metavar="PREFIX")
-    parser.add_argument("--tokenizer", type=Path, required=True, metavar="MODEL")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        metavar="MODEL",
+        help="a SentencePiece .model, or a tokenizer.json (or a folder holding one)",
+    )
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--batch-size", type=int, default=256, help="records per batch")
     parser.add_argument("--strict", action="store_true", help="stop at a malformed record")

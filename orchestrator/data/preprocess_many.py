@@ -348,7 +348,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--input", nargs="+", required=True, metavar="FILE_OR_GLOB")
     add("--output-dir", type=Path, required=True, metavar="DIR")
-    add("--tokenizer", type=Path, required=True, metavar="MODEL")
+    add(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        metavar="MODEL",
+        help="a SentencePiece .model, or a tokenizer.json (or a folder holding one)",
+    )
     add("--workers", type=int, default=len(os.sched_getaffinity(0)))
     add("--files-per-shard", type=int, default=1, metavar="K")
     add("--strict", action="store_true", help="fail a shard at a malformed record")
