@@ -199,7 +199,9 @@ class DataConfig:
     name: str = "synthetic"
     kind: str = "synthetic"
     root: str = "."  # directory the sources' prefixes are relative to
-    tokenizer: str | None = None  # SentencePiece .model
+    tokenizer: str | None = (
+        None  # SentencePiece .model, or a tokenizer.json (or a folder holding one)
+    )
     sources: list[DataSourceConfig] = field(default_factory=list)
     valid_fraction: float = 0.01  # documents held out per source
     split_seed: int = 1234  # the train/validation split does not move with train.seed
@@ -220,7 +222,7 @@ class DataConfig:
             raise fail(
                 "data.tokenizer",
                 self.tokenizer,
-                f"data.kind={self.kind} needs a SentencePiece model (data.tokenizer=PATH)",
+                f"data.kind={self.kind} needs a tokenizer (data.tokenizer=PATH: a SentencePiece .model or a tokenizer.json)",
             )
         if self.kind == "blended":
             if not self.sources:

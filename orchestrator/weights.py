@@ -156,27 +156,58 @@ def write_hf(state: StateDict, args: ModelArgs, out: Path, *, tokenizer: Path | 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_hf(state, args).items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    bos, eos = 1, 2  # SentencePiece LLaMA's
+    if tokenizer is not None:
+        bos, eos = _write_tokenizer(tokenizer, out)
     config = {
         **hf_config(args),
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "LlamaTokenizer",
-                    "bos_token": "<s>",
-                    "eos_token": "</s>",
-                    "unk_token": "<unk>",
-                    "add_bos_token": True,
-                    "add_eos_token": False,
-                },
-                indent=2,
-            )
+
+
+def _write_tokenizer(tokenizer: Path, out: Path) -> tuple[int, int]:
+    """The run's tokenizer next to the weights, as transformers loads it; its (bos, eos) ids.
+
+    A SentencePiece ``.model`` becomes ``tokenizer.model`` with a LlamaTokenizer
+    config; a Hugging Face ``tokenizer.json`` (Llama 3) is copied with the
+    ``tokenizer_config.json`` beside it, or a PreTrainedTokenizerFast one.
+    """
+    from orchestrator.data.tokenizer import load_tokenizer, tokenizer_file
+
+    loaded = load_tokenizer(tokenizer)
+    source = tokenizer_file(tokenizer)
+    if source.suffix == ".json":
+        shutil.copyfile(source, out / "tokenizer.json")
+        beside = source.with_name("tokenizer_config.json")
+        if beside.is_file():
+            shutil.copyfile(beside, out / "tokenizer_config.json")
+        else:
+            vocab = json.loads(source.read_text()).get("added_tokens", [])
+            names = {t["id"]: t["content"] for t in vocab}
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": names.get(loaded.bos_id),
+                "eos_token": names.get(loaded.eos_id),
+            }
+            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        return loaded.bos_id, loaded.eos_id
+    shutil.copyfile(source, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+            },
+            indent=2,
         )
+    )
+    return loaded.bos_id, loaded.eos_id

@@ -201,3 +201,42 @@ def test_vocab_check_fails_in_one_line(byte_bpe: Path) -> None:
     with pytest.raises(ValueError, match=r"^model.vocab_size=2000: .* has 500 tokens") as e:
         resolve_paths(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_export_writes_a_tokenizer_json_that_transformers_loads(
+    tmp_path: Path, byte_bpe: Path
+) -> None:
+    """Hugging Face export of a run on a tokenizer.json: the tokenizer transformers reads back."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from model_parallel.args import ModelArgs
+    from orchestrator.weights import write_hf
+
+    tok = load_tokenizer(byte_bpe)
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, multiple_of=8)
+    state = {
+        name: torch.zeros(shape)
+        for name, shape in {
+            "tok_embeddings.weight": (tok.vocab_size, 16),
+            "norm.weight": (16,),
+            "output.weight": (tok.vocab_size, 16),
+            "layers.0.attention_norm.weight": (16,),
+            "layers.0.ffn_norm.weight": (16,),
+            "layers.0.attention.wq.weight": (16, 16),
+            "layers.0.attention.wk.weight": (16, 16),
+            "layers.0.attention.wv.weight": (16, 16),
+            "layers.0.attention.wo.weight": (16, 16),
+            "layers.0.feed_forward.w1.weight": (args.hidden_dim, 16),
+            "layers.0.feed_forward.w2.weight": (16, args.hidden_dim),
+            "layers.0.feed_forward.w3.weight": (args.hidden_dim, 16),
+        }.items()
+    }
+    out = tmp_path / "hf"
+    write_hf(state, args, out, tokenizer=byte_bpe)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    hf = AutoTokenizer.from_pretrained(out)
+    text = "Grouped-query attention, 8 KV heads."
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf.convert_tokens_to_ids(hf.eos_token) == tok.eos_id
