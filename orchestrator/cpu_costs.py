@@ -99,7 +99,7 @@ def warnings(host: CpuHost | None, precision: str) -> tuple[str, ...]:
         found.append(
             f"warning: this host's load average is {host.other_load:.1f} on "
             f"{host.cpus.cores} cores before the run starts: the plan assumes idle cores; "
-            "shared with other processes, a rank runs slower (one of several threads, "
-            "several times slower)"
+            "sharing them with other processes a rank runs slower than planned, one of "
+            "several threads several times slower"
         )
     return tuple(line for line in found if line)

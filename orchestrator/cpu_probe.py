@@ -4,7 +4,9 @@ A CPU cluster (``cluster.gpus_per_node == 0``) whose config leaves
 ``cluster.peak_tflops`` null gets its numbers from the host that plans or runs:
 
 - **matmul peaks**: the best of about a second of square ``torch.mm`` per
-  precision (fp32, bf16), at the thread count one rank uses; the size grows
+  precision (fp32, bf16), at the thread count one rank uses (again, up to
+  three more seconds, while several threads reach under 0.75x their count
+  times one thread's rate: other processes' load); the size grows
   from 256 to 1024 while one product takes under 20 ms, so an emulated bf16
   matmul (hundreds of times slower) still takes a second, not minutes; and,
   at the same threads, an fp32 AdamW step (torch's fused one, as the engine's,
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,8 @@ PRECISIONS = ("fp32", "bf16")
 PROBE_SECONDS = 1.0  # per precision
 MATMUL_SIZES = (256, 512, 1024)
 SLOW_PRODUCT_S = 0.02  # a product slower than this stops the size from growing
+PEAK_SCALING = 0.75  # n threads under n x this x one thread's rate: measure again
+PEAK_RETRIES = 3
 ADAMW_PARAMS = 2**22
 MAX_COMM_PROCS = 8
 WORK_PRODUCTS = 40  # 128 x 128 matmuls: about 2 ms on one core of the AMD EPYC VM
@@ -85,7 +89,10 @@ class RankCpus:
 
 
 def rank_cpus(
-    *, ranks_per_node: int, cpus_per_task: int | None = None, environ: dict[str, str] | None = None
+    *,
+    ranks_per_node: int,
+    cpus_per_task: int | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> RankCpus:
     """How ``ranks_per_node`` ranks share this node (``orchestrator.launcher``'s threads rule).
 
@@ -108,7 +115,7 @@ def launched_ranks_per_node() -> int | None:
     return dist_env.read_env().local_world_size
 
 
-def _int_env(env: Any, key: str) -> int | None:
+def _int_env(env: Mapping[str, str], key: str) -> int | None:
     value = env.get(key, "")
     return int(value) if value.isdigit() and int(value) > 0 else None
 
@@ -168,7 +175,7 @@ def measured_peaks(threads: int, *, path: Path | None = None) -> tuple[dict[str,
 
 
 def _measure_peaks(threads: int) -> dict[str, Any]:
-    rates: dict[str, Any] = {p: matmul_tflops(p, threads=threads) for p in PRECISIONS}
+    rates: dict[str, Any] = {p: steady_tflops(p, threads=threads) for p in PRECISIONS}
     return rates | {"adamw_s_per_param": adamw_seconds(threads=threads), "measured": time.time()}
 
 
@@ -213,6 +220,24 @@ def matmul_tflops(precision: str, *, threads: int, seconds: float = PROBE_SECOND
         return 2 * n**3 / best / 1e12
     finally:
         torch.set_num_threads(before)
+
+
+def steady_tflops(precision: str, *, threads: int) -> float:
+    """``matmul_tflops`` at ``threads``, tried again while it scales poorly over one thread.
+
+    Another process on one of the cores stalls every multi-threaded product
+    (its threads wait for the descheduled one): up to ``PEAK_RETRIES`` more
+    seconds look for a quieter one, and the answer is never below one thread's.
+    """
+    best = matmul_tflops(precision, threads=threads)
+    if threads == 1:
+        return best
+    single = matmul_tflops(precision, threads=1, seconds=PROBE_SECONDS / 2)
+    for _ in range(PEAK_RETRIES):
+        if best >= PEAK_SCALING * threads * single:
+            break
+        best = max(best, matmul_tflops(precision, threads=threads))
+    return max(best, single)
 
 
 def _timed(fn: Callable[..., object], *args: object) -> float:

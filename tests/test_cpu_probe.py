@@ -238,3 +238,19 @@ def test_plan_within_factor_of_a_short_default_run(
     planned = perf.estimate(cfg, resolve_plan(cfg)).time.total  # the run's cache: no new probe
     median = measured[len(measured) // 2]
     assert 1 / PLAN_FACTOR < planned / median < PLAN_FACTOR, (planned, measured, os.getloadavg())
+
+
+def test_a_loaded_multi_thread_probe_measures_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 threads first at a loaded moment (below one thread's rate), then at a quiet one."""
+    answers = {1: [0.09], 2: [0.05, 0.06, 0.18]}
+    calls: list[int] = []
+
+    def fake(precision: str, *, threads: int, seconds: float = 1.0) -> float:
+        calls.append(threads)
+        return answers[threads].pop(0)
+
+    monkeypatch.setattr(cpu_probe, "matmul_tflops", fake)
+    assert cpu_probe.steady_tflops("fp32", threads=2) == 0.18
+    assert calls == [2, 1, 2, 2]
+    answers = {1: [0.09], 2: [0.05, 0.05, 0.05, 0.05]}
+    assert cpu_probe.steady_tflops("fp32", threads=2) == 0.09  # never below one thread's
