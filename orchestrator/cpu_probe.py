@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 CACHE_DIR_ENV = "LLAMA_ORCHESTRATOR_CACHE_DIR"
-PROBE_VERSION = 1  # part of every cache key: a changed probe measures again
+PROBE_VERSION = 2  # part of every cache key: a changed probe measures again
 PRECISIONS = ("fp32", "bf16")
 PROBE_SECONDS = 1.0  # per precision
 MATMUL_SIZES = (256, 512, 1024)
