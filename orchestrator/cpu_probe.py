@@ -179,6 +179,14 @@ def _measure_peaks(threads: int) -> dict[str, Any]:
     return rates | {"adamw_s_per_param": adamw_seconds(threads=threads), "measured": time.time()}
 
 
+def _generator() -> Any:
+    """The probe's own random numbers: a rank's global generator (seeded, checkpointed,
+    compared bit for bit across a resume) must not move because a probe ran."""
+    import torch
+
+    return torch.Generator().manual_seed(0)
+
+
 def adamw_seconds(*, threads: int, params: int = ADAMW_PARAMS) -> float:
     """Best seconds per parameter of torch's fused fp32 AdamW step and a gradient norm."""
     import torch
@@ -186,8 +194,9 @@ def adamw_seconds(*, threads: int, params: int = ADAMW_PARAMS) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        weight = torch.nn.Parameter(torch.randn(params))
-        weight.grad = torch.randn(params)
+        rng = _generator()
+        weight = torch.nn.Parameter(torch.randn(params, generator=rng))
+        weight.grad = torch.randn(params, generator=rng)
         optimizer = torch.optim.AdamW([weight], lr=1e-4, fused=True)
 
         def step() -> None:
@@ -208,8 +217,10 @@ def matmul_tflops(precision: str, *, threads: int, seconds: float = PROBE_SECOND
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        rng = _generator()
         for n in MATMUL_SIZES:
-            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+            a = torch.randn(n, n, generator=rng).to(dtype)
+            b = torch.randn(n, n, generator=rng).to(dtype)
             best = _timed(torch.mm, a, b)
             if best > SLOW_PRODUCT_S:
                 break
@@ -306,7 +317,7 @@ def _gloo_rank(rank: int, world: int, port: int, threads: int) -> dict[str, floa
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     groups = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
     group, peer = groups[rank // 2], rank ^ 1
-    a = torch.randn(128, 128)
+    a = torch.randn(128, 128, generator=_generator())
     x, big = torch.ones(COMM_ELEMENTS), torch.ones(BANDWIDTH_ELEMENTS)
 
     def p2p(i: int) -> None:

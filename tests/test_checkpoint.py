@@ -215,8 +215,9 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path, storm: bool) 
     )
 
 
-def test_stop_signal_during_start_up_is_kept_until_the_first_step(tmp_path: Path) -> None:
-    """SIGUSR1 while torch and DeepSpeed still import: no death, a checkpoint after step 1."""
+def test_stop_signal_during_start_up_exits_for_requeue_at_once(tmp_path: Path) -> None:
+    """SIGUSR1 while torch and DeepSpeed still import: not a death by signal but exit 75 at
+    once, with nothing saved (nothing to save yet); the requeued start begins afresh."""
     import sys
 
     from orchestrator.launcher import free_port
@@ -235,10 +236,13 @@ def test_stop_signal_during_start_up_is_kept_until_the_first_step(tmp_path: Path
         text=True,
     )
     time.sleep(0.5)  # the worker is importing torch
+    sent = time.monotonic()
     worker.send_signal(signal.SIGUSR1)
     out, _ = worker.communicate(timeout=240)
     assert worker.returncode == EXIT_REQUEUE, out[-3000:]
-    assert latest_tag(run_dir) == "step_00000001"
+    assert time.monotonic() - sent < 10  # not after torch's import and the engine's start
+    assert "StopInStartup: pid" in out and "got SIGUSR1 in start-up phase" in out, out
+    assert latest_tag(run_dir) is None
 
 
 def _damage(path: Path, how: str) -> None:

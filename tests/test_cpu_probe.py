@@ -254,3 +254,16 @@ def test_a_loaded_multi_thread_probe_measures_again(monkeypatch: pytest.MonkeyPa
     assert calls == [2, 1, 2, 2]
     answers = {1: [0.09], 2: [0.05, 0.05, 0.05, 0.05]}
     assert cpu_probe.steady_tflops("fp32", threads=2) == 0.09  # never below one thread's
+
+
+def test_the_probe_leaves_the_global_random_state_alone() -> None:
+    """A worker probes after seeding: its RNG state is checkpointed and must match a resume's."""
+    import torch
+
+    from orchestrator.cpu_probe import adamw_seconds, matmul_tflops
+
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    matmul_tflops("fp32", threads=1, seconds=0.01)
+    adamw_seconds(threads=1, params=1024)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -85,7 +85,8 @@ def _build_engine(rank: int, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     return engine, cfg, plan, groups
 
 
-def _load_and_save(rank: int, world: int, source_run: str, overrides: list[str], out: str) -> int:
+def _reshard_and_save(rank: int, source_run: str, overrides: list[str], out: str) -> Any:
+    """This rank's engine of the new layout, loaded from ``source_run`` and saved to ``out``."""
     from orchestrator import checkpoint
     from orchestrator.reshard import load_resharded
 
@@ -103,7 +104,11 @@ def _load_and_save(rank: int, world: int, source_run: str, overrides: list[str],
     )
     state.layout = checkpoint.LayoutRecord.from_plan(plan)
     checkpoint.save(engine, Path(out), state, keep=1)
-    return state.step
+    return engine, groups, state.step
+
+
+def _load_and_save(rank: int, world: int, source_run: str, overrides: list[str], out: str) -> int:
+    return int(_reshard_and_save(rank, source_run, overrides, out)[2])
 
 
 # Every target kind once, each source twice (BF16_Optimizer and ZeRO-3 files both read
@@ -184,23 +189,7 @@ def _load_into_replicated_kv(
     """Load and save as ``_load_and_save``; also whether both copies of each KV head agree."""
     import torch.distributed as dist
 
-    from orchestrator import checkpoint
-    from orchestrator.reshard import load_resharded
-
-    engine, cfg, plan, groups = _build_engine(rank, overrides)
-    run = Path(source_run)
-    path = checkpoint.checkpoint_dir(run) / str(checkpoint.latest_tag(run))
-    state, _ = load_resharded(
-        engine,
-        path,
-        args=cfg.model.to_args(),
-        pp=plan.pp,
-        tp_group=groups.tp_group,
-        dp=plan.dp,
-        micro_batch=plan.micro_batch_size,
-    )
-    state.layout = checkpoint.LayoutRecord.from_plan(plan)
-    checkpoint.save(engine, Path(out), state, keep=1)
+    engine, groups, _ = _reshard_and_save(rank, source_run, overrides, out)
     same = True
     for name, param in engine.module.named_parameters():
         if name.endswith(("wk.weight", "wv.weight")):
