@@ -264,12 +264,16 @@ def _rank_beat(rank: int, step: int, age: float, **fields: Any) -> RankBeat:
     return RankBeat(rank=rank, step=step, age_s=age, time=NOW - age, **values)
 
 
-def test_generated_run_names_the_stale_rank(tmp_path: Path) -> None:
-    """64 ranks, beats staggered over 5 s at 1.2 s a step, rank 21 silent for 5 minutes."""
+@pytest.mark.parametrize(("num_ranks", "log_kib"), [(64, 160), (2048, 70)])
+def test_generated_run_names_the_stale_rank(tmp_path: Path, num_ranks: int, log_kib: int) -> None:
+    """Beats staggered over 5 s at 1.2 s a step, rank 21 silent for 5 minutes; at 2,048
+    ranks too (the timing is bench/status_scale.py's)."""
     run_dir = tmp_path / "run"
-    make_run(run_dir, num_ranks=64, log_bytes=160 * 1024, metrics_rows=3000, stale_rank=21)
+    make_run(
+        run_dir, num_ranks=num_ranks, log_bytes=log_kib * 1024, metrics_rows=3000, stale_rank=21
+    )
     out = render(collect(run_dir))
-    assert "job: local: running (64 of 64 ranks active)" in out
+    assert f"job: local: running ({num_ranks} of {num_ranks} ranks active)" in out
     assert f"step {status_scale.STEP}/{status_scale.TOTAL_STEPS}" in out
     assert "valid_loss 2.1000" in out
     suspects = out.split("hang suspects:")[1].split("stragglers:")[0]
