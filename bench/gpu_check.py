@@ -369,7 +369,7 @@ def _memory_report(cfg: Any, est: Any, records: list[dict[str, Any]], *, cpu: bo
         "within_tolerance": None if cpu else abs(ratio - 1) <= MEMORY_TOLERANCE,
         "tokens_per_s_per_device": round(tokens, 1),
         "mfu": round(mfu, 4),
-        "peak_tflops": cfg.cluster.peak_tflops,
+        "peak_tflops": est.peak_tflops,  # a CPU cluster's is measured (cluster.peak_tflops null)
         "steps": len(records),
     }
     items = ", ".join(f"{k} {v:.2f}" for k, v in out["plan_items_gib"].items())
@@ -383,7 +383,7 @@ def _memory_report(cfg: Any, est: Any, records: list[dict[str, Any]], *, cpu: bo
     )
     print(
         f"trainer: {tokens:,.1f} tokens/s per device, MFU {100 * mfu:.1f}% of "
-        f"{cfg.cluster.peak_tflops:g} TFLOP/s (median of steps >= {STEADY_FROM_STEP})"
+        f"{est.peak_tflops:g} TFLOP/s (median of steps >= {STEADY_FROM_STEP})"
     )
     return out
 
