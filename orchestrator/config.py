@@ -271,7 +271,8 @@ class FaultsConfig:
     # 2,048 ranks joining, a whole-run index build and a re-sharded 65B checkpoint load.
     startup_timeout_s: float = 1800.0
     # Training beats at most this often: 2,048 ranks rewrite their files ~200 times a second,
-    # however short the step.
+    # however short the step. Every rank's watchdog rewrites its beat this often while it
+    # lives (a frozen rank goes silent); capped at hang_timeout_s / 8.
     heartbeat_interval_s: float = 10.0
     max_consecutive_skips: int = 5  # NaN/Inf steps in a row before rolling back
     spike_factor: float = 0.0  # roll back when loss > factor x recent mean; 0: off

@@ -46,6 +46,7 @@ EXIT_HANG = 3
 # A checkpoint could not be written (disk full, permission, I/O error): not requeued.
 EXIT_SAVE_FAILED = 4
 _TRAINING = "training step"  # the phase prefix whose beats are rate-limited
+_TICK_S = 1.0  # the watchdog's longest tick: a beat is rewritten every interval plus this
 
 
 class StopRequest:
@@ -98,6 +99,12 @@ class Heartbeat:
     watchdog's tick) writes it once the interval has passed, so the file lags
     the rank by at most ``interval_s`` plus a tick. Any other phase change is
     written at once, and repeated every interval while the phase lasts.
+
+    ``alive`` is when the file was last written: the watchdog thread rewrites
+    it every interval whatever the main thread does, so a rank waiting in a
+    collective stays alive while a frozen one (SIGSTOP, a wedged host, a
+    kernel stuck in the driver) goes quiet -- the culprit of a hang, even when
+    the race of a collective's last message left its step ahead of its peers'.
     """
 
     def __init__(self, run_dir: Path, rank: int, *, interval_s: float = 5.0) -> None:
@@ -133,6 +140,7 @@ class Heartbeat:
             "phase_since": self.phase_since,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "interval_s": self.interval_s,
             **self.extra,
         }
         with self._lock:
@@ -144,20 +152,28 @@ class Heartbeat:
         """Once an interval has passed since the last write: write the beat held back by
         the rate limit, or, in a phase outside training (start-up, a save, an
         evaluation), the same beat again with the time now, so that a long phase is
-        not mistaken for a dead rank. In training a rank that stops stepping stops
-        beating: its file's age is the time since its last step began.
+        not mistaken for a dead rank. In training a rank that stops stepping keeps
+        its beat's ``time`` (the age is the time since its last step began) and only
+        ``alive`` moves on.
         """
         with self._lock:
             if time.monotonic() - self._written_at < self.interval_s:
                 return
-            if self._pending is None and self._kind not in (_TRAINING, "exited", None):
-                self._pending = self._last
             if self._pending is not None:
-                self._pending["time"] = time.time()
+                if self._kind != _TRAINING:
+                    self._pending["time"] = time.time()
+                self._write()
+            elif self._last is not None and self._kind != "exited":
+                # Nothing new: the same beat, still alive. In training its ``time``
+                # stays the step's, outside training the phase is still going on.
+                self._pending = dict(self._last)
+                if self._kind != _TRAINING:
+                    self._pending["time"] = time.time()
                 self._write()
 
     def _write(self) -> None:
         assert self._pending is not None
+        self._pending["alive"] = time.time()
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._pending))
         os.replace(tmp, self.path)
@@ -165,18 +181,28 @@ class Heartbeat:
         self._written_at = time.monotonic()
         self.writes += 1
 
-    def laggards(self, *, world_size: int, since: float) -> tuple[list[dict[str, Any]], list[int]]:
+    def laggards(self, *, world_size: int, since: float) -> Laggards:
         return laggards(self.dir, world_size=world_size, since=since)
 
 
-def laggards(
-    beat_dir: Path, *, world_size: int, since: float
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """The ranks furthest behind (the likely culprits of a hang), and ranks with no beat.
+@dataclass
+class Laggards:
+    """What the heartbeats say about a hang: who went quiet, who is behind, who never beat."""
 
-    Furthest behind: the earliest start-up phase, else the lowest step. A beat
-    older than ``since`` (a unix time) is a previous start's: that rank has not
-    written one in this start.
+    quiet: list[dict[str, Any]]  # alive once, then silent while the others kept beating
+    behind: list[dict[str, Any]]  # the earliest start-up phase, else the lowest step
+    missing: list[int]  # no beat in this start
+
+
+def laggards(beat_dir: Path, *, world_size: int, since: float) -> Laggards:
+    """The likely culprits of a hang, from one read of each rank's heartbeat.
+
+    Quiet: a rank whose ``alive`` stamp is more than two of its own beat
+    intervals (plus a watchdog tick) older than the newest one seen -- its
+    process is frozen or gone while its peers still wait in a collective.
+    Furthest behind, among the others: the earliest start-up phase, else the
+    lowest step. A beat older than ``since`` (a unix time) is a previous
+    start's: that rank has not written one in this start.
     """
     beats = {}
     for f in beat_dir.glob("rank_*.json"):
@@ -188,25 +214,52 @@ def laggards(
             beats[int(b["rank"])] = b
     missing = [r for r in range(world_size) if r not in beats]
     if not beats:
-        return [], missing
-    lowest = min(_progress_key(b) for b in beats.values())
-    behind = [b for r, b in sorted(beats.items()) if _progress_key(b) == lowest]
-    return behind, missing
+        return Laggards([], [], missing)
+    newest = max(_alive(b) for b in beats.values())
+    quiet = [
+        b
+        for _, b in sorted(beats.items())
+        if b.get("phase") != "exited"
+        and newest - _alive(b) > 2 * float(b.get("interval_s", 0.0)) + _TICK_S
+        and "interval_s" in b
+    ]
+    for b in quiet:
+        b["silent_s"] = newest - _alive(b)
+    rest = {r: b for r, b in beats.items() if b not in quiet}
+    if not rest:
+        return Laggards(quiet, [], missing)
+    lowest = min(_progress_key(b) for b in rest.values())
+    behind = [b for r, b in sorted(rest.items()) if _progress_key(b) == lowest]
+    return Laggards(quiet, behind, missing)
 
 
-def describe_laggards(behind: list[dict[str, Any]], missing: list[int], *, skip: int = -1) -> str:
-    """``furthest behind: rank 2 (host, step 0, phase), ...; no heartbeat from ...``."""
-    shown = [b for b in behind if b["rank"] != skip]
-    named = ", ".join(
-        f"rank {b['rank']} ({b.get('host', '?')}, step {b['step']}, {b['phase']})"
-        for b in shown[:8]
-    )
-    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
-    text = f"furthest behind: {named + more or 'none seen'}"
-    if missing:
-        text += f"; no heartbeat from {len(missing)} rank(s): "
-        text += ", ".join(str(r) for r in missing[:8]) + (" ..." if len(missing) > 8 else "")
+def describe_laggards(found: Laggards, *, skip: int = -1) -> str:
+    """``not responding: rank 1 (...); furthest behind: rank 2 (host, step 0, phase), ...``."""
+
+    def named(group: list[dict[str, Any]], extra: bool = False) -> str:
+        shown = [b for b in group if b["rank"] != skip]
+        text = ", ".join(
+            f"rank {b['rank']} ({b.get('host', '?')}, step {b['step']}, {b['phase']}"
+            + (f", silent {b['silent_s']:.0f}s" if extra else "")
+            + ")"
+            for b in shown[:8]
+        )
+        return text + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+
+    parts = []
+    if found.quiet:
+        parts.append(f"not responding (the others kept beating): {named(found.quiet, True)}")
+    parts.append(f"furthest behind: {named(found.behind) or 'none seen'}")
+    text = "; ".join(parts)
+    if found.missing:
+        text += f"; no heartbeat from {len(found.missing)} rank(s): "
+        text += ", ".join(str(r) for r in found.missing[:8])
+        text += " ..." if len(found.missing) > 8 else ""
     return text
+
+
+def _alive(beat: dict[str, Any]) -> float:
+    return float(beat.get("alive", beat.get("time", 0.0)))
 
 
 def _progress_key(beat: dict[str, Any]) -> tuple[int, int]:
@@ -281,10 +334,8 @@ class Watchdog:
             )
         if not self.reporter:
             return f"{head}; rank 0 names the ranks behind"
-        behind, missing = self.heartbeat.laggards(
-            world_size=self.world_size, since=self.started_at - 60
-        )
-        return f"{head}; {describe_laggards(behind, missing, skip=rank)}"
+        found = self.heartbeat.laggards(world_size=self.world_size, since=self.started_at - 60)
+        return f"{head}; {describe_laggards(found, skip=rank)}"
 
 
 @dataclass

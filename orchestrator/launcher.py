@@ -201,10 +201,10 @@ def _watch(
                 f" -- see {log_path}",
                 file=sys.stderr,
             )
-            behind, missing = laggards(
+            found = laggards(
                 log_dir.parent / "heartbeats", world_size=len(procs), since=started - 60
             )
-            print(f"heartbeats at the end: {describe_laggards(behind, missing)}", file=sys.stderr)
+            print(f"heartbeats at the end: {describe_laggards(found)}", file=sys.stderr)
             return 1
         if all(code is not None for code in codes):
             for pump in pumps:

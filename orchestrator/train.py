@@ -64,7 +64,10 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
     env = read_env()
     _setup_logging(env.rank)
     signals.who = f"rank {env.rank}"
-    heartbeat = Heartbeat(run_dir, env.rank, interval_s=cfg.faults.heartbeat_interval_s)
+    # Beats finer than the hang limit: a frozen rank is silent for several intervals when
+    # its peers' watchdogs fire, so rank 0 can tell it from ranks waiting on it.
+    beat_interval = min(cfg.faults.heartbeat_interval_s, cfg.faults.hang_timeout_s / 8)
+    heartbeat = Heartbeat(run_dir, env.rank, interval_s=beat_interval)
     watchdog = Watchdog(
         heartbeat,
         timeout_s=cfg.faults.hang_timeout_s,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.faults import EXIT_REQUEUE, Heartbeat, Watchdog
+from orchestrator.faults import EXIT_REQUEUE, Heartbeat, Watchdog, describe_laggards
 from orchestrator.startup import STARTUP_PHASES, phase_label, startup_order
 from tests.launch import REPO, RUN, kill_run, start_launch, worker_pids
 
@@ -167,14 +167,45 @@ def test_training_beats_are_rate_limited_and_phase_changes_are_not(tmp_path: Pat
     again = json.loads(hb.path.read_text())
     assert hb.writes == 6 and again["phase"] == "checkpoint save" and again["time"] > written
     assert again["phase_since"] == saved["phase_since"]  # the phase began at the save
-    # In training a rank that stops stepping stops beating.
+    # In training a rank that stops stepping keeps its beat's time; only ``alive`` moves.
     hb.beat(50, "training step 51")
     time.sleep(0.6)
     hb.flush_due()
-    writes = hb.writes
+    stuck = json.loads(hb.path.read_text())
     time.sleep(0.6)
     hb.flush_due()
-    assert hb.writes == writes
+    later = json.loads(hb.path.read_text())
+    assert later["time"] == stuck["time"] and later["step"] == 50
+    assert later["alive"] > stuck["alive"] + 0.5
+
+
+def test_a_frozen_rank_is_named_even_when_its_step_is_ahead(tmp_path: Path) -> None:
+    # The race of a collective's last message: the frozen rank got through the step its
+    # peers still wait in. Its watchdog thread is frozen with it, so its beat goes quiet.
+    waiting = [Heartbeat(tmp_path, r, interval_s=0.2) for r in (0, 2)]
+    frozen = Heartbeat(tmp_path, 1, interval_s=0.2)
+    for hb in waiting:
+        hb.beat(22, "training step 23")
+    frozen.beat(23, "training step 24")
+    deadline = time.monotonic() + 2.5  # over 2 intervals and a watchdog tick
+    while time.monotonic() < deadline:
+        for hb in waiting:
+            hb.flush_due()
+        time.sleep(0.05)
+    found = waiting[0].laggards(world_size=3, since=time.time() - 60)
+    assert [b["rank"] for b in found.quiet] == [1]
+    assert [b["rank"] for b in found.behind] == [0, 2]
+    text = describe_laggards(found, skip=0)
+    assert text.startswith("not responding (the others kept beating): rank 1 (")
+    assert "step 23, training step 24, silent " in text
+    assert "furthest behind: rank 2 (" in text
+    # While all beat, nobody is quiet: the lowest step is the one behind.
+    frozen.flush_due()
+    time.sleep(0.25)
+    for hb in (*waiting, frozen):
+        hb.flush_due()
+    found = waiting[0].laggards(world_size=3, since=time.time() - 60)
+    assert found.quiet == [] and [b["rank"] for b in found.behind] == [0, 2]
 
 
 def _write_beat(run_dir: Path, rank: int, step: int, phase: str, when: float) -> None:
@@ -192,9 +223,9 @@ def test_laggards_are_the_earliest_phase_and_ranks_without_a_beat(tmp_path: Path
     _write_beat(tmp_path, 4, 0, phase_label("data indexes"), now)
     _write_beat(tmp_path, 5, 7, "training step 8", now - 3600)  # a previous start's
     hb = Heartbeat(tmp_path, 0)
-    behind, missing = hb.laggards(world_size=8, since=now - 60)
-    assert [b["rank"] for b in behind] == [2, 4]
-    assert missing == [5, 6, 7]
+    found = hb.laggards(world_size=8, since=now - 60)
+    assert [b["rank"] for b in found.behind] == [2, 4]
+    assert found.missing == [5, 6, 7] and found.quiet == []
     dog = Watchdog(hb, timeout_s=60, startup_timeout_s=30, world_size=8, reporter=True)
     dog.phase = phase_label("engine")
     text = dog._message(31)
@@ -212,8 +243,8 @@ def test_training_ranks_are_ahead_of_every_startup_phase(tmp_path: Path) -> None
     _write_beat(tmp_path, 0, 5, "training step 6", now)
     _write_beat(tmp_path, 1, 3, "training step 4", now)
     _write_beat(tmp_path, 2, 0, phase_label("first step"), now)
-    behind, missing = Heartbeat(tmp_path, 0).laggards(world_size=3, since=now - 60)
-    assert [b["rank"] for b in behind] == [2] and missing == []
+    found = Heartbeat(tmp_path, 0).laggards(world_size=3, since=now - 60)
+    assert [b["rank"] for b in found.behind] == [2] and found.missing == []
     assert [startup_order(phase_label(p)) for p in STARTUP_PHASES] == list(
         range(len(STARTUP_PHASES))
     )
