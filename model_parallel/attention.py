@@ -77,11 +77,20 @@ class _FlashAttentionCPU(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         scale = 1.0 / math.sqrt(q.shape[-1])
-        return _flash_backward(grad_out.contiguous(), q, k, v, out, lse, scale)
+        group = q.shape[1] // k.shape[1]
+        if group == 1:
+            return _flash_backward(grad_out.contiguous(), q, k, v, out, lse, scale)
+        # Grouped KV heads: expanded for the backward only (transient), and each
+        # head's gradient is the sum over the query heads of its group.
+        k_all, v_all = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dq, dk, dv = _flash_backward(grad_out.contiguous(), q, k_all, v_all, out, lse, scale)
+        b, _, s, d = k.shape
+        return dq, dk.view(b, -1, group, s, d).sum(2), dv.view(b, -1, group, s, d).sum(2)
 
 
 def flash_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention ``(B, h, S, hd)``: ATen's CPU flash forward, the matmul backward."""
+    """Causal attention ``(B, h, S, hd)``: ATen's CPU flash forward, the matmul backward.
+    ``k`` and ``v`` may have fewer heads (``h / g``, grouped-query attention)."""
     return _FlashAttentionCPU.apply(q, k, v)
 
 
@@ -91,8 +100,14 @@ def causal_attention(
     """Causal attention ``(B, h, S, hd)``; ``cpu_matmul_backward``: on a bf16 or fp16
     CPU tensor, ``flash_attention_cpu`` instead of SDPA (for compiled blocks).
     In fp32 ATen's flash backward is the faster one (60M model: 2.29 s against
-    2.46 s a step), so fp32 keeps SDPA."""
+    2.46 s a step), so fp32 keeps SDPA.
+
+    Grouped-query attention: ``k`` and ``v`` carry ``h / g`` heads, query head
+    ``i`` reading KV head ``i // g``. They are not expanded (SDPA's
+    ``enable_gqa``, which its flash kernels take as they are), so autograd saves
+    K and V at their own width, not at the queries'."""
     half = q.dtype in (torch.bfloat16, torch.float16)
     if cpu_matmul_backward and half and q.device.type == "cpu":
         return flash_attention_cpu(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grouped = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)

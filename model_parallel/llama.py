@@ -122,13 +122,13 @@ class Attention(nn.Module):
         k, v = self.wk(x).view(kv_shape), self.wv(x).view(kv_shape)
         cos, sin = self.rotary(seq, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # (B, S, h, hd) -> (B, h, S, hd); local KV heads repeated for their query heads
-        group = self.n_local_heads // self.n_local_kv_heads
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        # (B, S, h, hd) -> (B, h, S, hd); the local KV heads are not repeated for their
+        # query heads: attention reads head i // g (grouped-query attention)
         out = causal_attention(
-            q.transpose(1, 2), k, v, cpu_matmul_backward=self.cpu_matmul_backward
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            cpu_matmul_backward=self.cpu_matmul_backward,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))  # (B, S, h*hd)
 

@@ -37,7 +37,11 @@ implementation (``model_parallel.llama``; checked tensor by tensor in
 - the inputs of the q/k/v and w1/w3 projections (x/rms times the weight):
   2·e (with sequence parallelism these are the all-gathered copies, held full);
 - q, k, v after rotary and the attention output, which is also wo's input
-  (SDPA's flash kernels keep no s x s scores): 4·e/t;
+  (SDPA's flash kernels keep no s x s scores): 4·e/t; with grouped-query
+  attention K and V are saved at their own width (not expanded to the query
+  heads, ``model_parallel.attention``): 2·e/t + 2·e·w/h, w = one rank's
+  K width (``kv_width_per_rank``: n_kv_heads·head_dim/t, one head when t
+  exceeds n_kv_heads);
 - SwiGLU: w1 x, w3 x, silu(w1 x) and the product that feeds w2: 4·e·f/(h·t);
 - per token, not per h: RMSNorm's two 1/rms (2·4, /t with sequence
   parallelism) and attention's logsumexp (4·heads/t).
@@ -51,7 +55,7 @@ H200 measured, ``bench/RESULTS.md``):
 - the two RMSNorms' inputs, x and x + attention (2·e), and their 1/rms (2·4
   per token), /t with sequence parallelism; no fp32 copies;
 - the inputs of the q/k/v and w1/w3 projections: 2·e, as above;
-- q, k, v and the attention output: 4·e/t;
+- q, k, v and the attention output: 4·e/t (2·e/t + 2·e·w/h with grouped KV);
 - SwiGLU: w1 x, w3 x and the product that feeds w2: 3·e·f/(h·t);
 - attention's logsumexp (4·heads/t per token).
 
@@ -72,9 +76,16 @@ recomputation, of s·b·h·e bytes, a ring moving 2(t-1)/t of it) over NVLink; t
 i.e. (p-1)/(m+p-1) of the pipeline's time; pipeline sends (2 per micro-batch,
 s·b·h·e/t bytes) on the critical path, each followed by a tp all-gather of the
 rest when DeepSpeed partitions them (tp > 1 without sequence parallelism); the dp gradient reduction
-(2(d-1)/d x Psi' elements, 1.5x that at ZeRO-3; fp32 in fp32 and bf16,
-fp16 in fp16) after the last micro-batch.
-Nothing is assumed to overlap.
+(2(d-1)/d x Psi' elements; fp32 in fp32 and bf16, fp16 in fp16) after the last
+micro-batch; at ZeRO-3 instead one reduce-scatter of the gradients and two
+all-gathers of the weights (e bytes) per micro-batch, one before its forward and
+one before its backward (DeepSpeed releases gathered weights after use).
+On a GPU the engine asks DeepSpeed to overlap its ZeRO 1-3 communication
+(``overlap_comm``; not inside the pipeline engine, which reduces after the
+schedule): the gradients' reduce-scatter runs behind the last micro-batch's
+backward (2/3 of its compute) and each ZeRO-3 gather behind its forward (1/3) or
+backward (2/3); only what exceeds the compute is counted. Nothing else is
+assumed to overlap.
 
 **On a CPU cluster** (``gpus_per_node == 0``) the host's own numbers
 (``orchestrator.cpu_probe``, measured once and cached) replace what a GPU
@@ -202,16 +213,23 @@ def stage_param_groups(
     The same split as ``orchestrator.engine.param_groups`` (decay on matrices).
     """
     d, f = args.dim, args.hidden_dim
+    kv = kv_width_per_rank(args, tp)
     first, last = stage_layers[stage]
     matrices: list[int] = [vocab * d // tp] if stage == 0 else []
     norms: list[int] = []
     for _ in range(first, last + 1):
-        matrices += [d * d // tp] * 4 + [d * f // tp] * 3
+        matrices += [d * d // tp, d * kv, d * kv, d * d // tp] + [d * f // tp] * 3
         norms += [d, d]
     if stage == len(stage_layers) - 1:
         norms.append(d)
         matrices.append(vocab * d // tp)
     return matrices, norms
+
+
+def kv_width_per_rank(args: ModelArgs, tp: int) -> int:
+    """Output width of one tp rank's K (or V) projection: its KV heads x head_dim
+    (one head, replicated, when tp exceeds ``n_kv_heads``)."""
+    return args.kv_dim * args.kv_replicas(tp) // tp
 
 
 def layer_activation_bytes(
@@ -229,12 +247,13 @@ def layer_activation_bytes(
     sb = micro_batch * seq_len
     split = tp if sp else 1
     ffn = args.hidden_dim / args.dim
+    attention = 2 * e / tp + 2 * e * kv_width_per_rank(args, tp) / args.dim  # q, out; k, v
     if compiled:
         norms = 2 * e / split  # the norms' inputs
-        sharded = (4 * e + 3 * e * ffn) / tp
+        sharded = attention + 3 * e * ffn / tp
     else:
         norms = (2 * 4 + 2 * e) / split  # the fp32 copies and the normalised x before the weight
-        sharded = (4 * e + 4 * e * ffn) / tp
+        sharded = attention + 4 * e * ffn / tp
     linear_inputs = 2 * e  # (with sequence parallelism the all-gathered copies)
     per_token = 2 * 4 / split + 4 * args.n_heads / tp  # RMSNorm's 1/rms, attention's logsumexp
     return sb * args.dim * (norms + linear_inputs + sharded) + sb * per_token
@@ -425,15 +444,49 @@ def step_time(cfg: Config, plan: Plan, *, host: CpuHost | None = None) -> StepTi
     if t > 1 and not cfg.parallel.sequence_parallel:  # DeepSpeed's pipe_partitioned
         pp_comm += transfers * (micro_bytes * (t - 1) / t / nvlink + allreduce_s * (t - 1))
     stage_params = max(plan.stage_params_per_rank)
-    grad_e = 2 if cfg.train.precision == "fp16" else 4  # bf16 reduces in fp32 (engine.py)
-    factor = 3 if plan.zero_stage == 3 else 2
     dp_bw = _bandwidth(cluster, crosses_nodes=gpus > 0 and t * d > gpus, host=host)
-    dp_comm = factor * (d - 1) / d * stage_params * grad_e / dp_bw
-    dp_comm += factor * allreduce_s * (d - 1) if d > 1 else 0.0
+    # engine.py's overlap_comm: on a GPU, ZeRO 1-3 outside the pipeline engine
+    overlap = gpus > 0 and plan.zero_stage > 0 and p == 1
+    dp_comm = _dp_comm(cfg, plan, stage_params / dp_bw, allreduce_s, compute / m, overlap)
     framework = None
     if host is not None:  # the optimiser's step on this rank's parameters, its share of the cores
         framework = host.rates["adamw_s_per_param"] * stage_params / host.cpus.share
     return StepTime(compute, tp_comm, bubble, pp_comm, dp_comm, framework)
+
+
+def _dp_comm(
+    cfg: Config,
+    plan: Plan,
+    seconds_per_element: float,
+    latency_s: float,
+    micro_s: float,
+    overlap: bool,
+) -> float:
+    """Seconds of data-parallel communication on the critical path (module docstring).
+
+    One ring pass moves (d-1)/d of the stage's parameters. ZeRO 0-2: two passes of
+    gradients (an all-reduce; at 1/2 a reduce-scatter and the all-gather of the
+    updated weights). ZeRO-3: a reduce-scatter of gradients, and an all-gather of
+    the weights (in their own precision) before each micro-batch's forward and
+    again before its backward. With ``overlap``, a gather runs behind its
+    micro-batch's forward (1/3 of its compute ``micro_s``) or backward (2/3), and
+    the gradients' reduce-scatter behind the last backward.
+    """
+    d, m = plan.dp, plan.num_micro_batches
+    if d == 1:
+        return 0.0
+    grad_e = 2 if cfg.train.precision == "fp16" else 4  # bf16 reduces in fp32 (engine.py)
+    ring = (d - 1) / d * seconds_per_element
+    latency = latency_s * (d - 1)
+    reduce = ring * grad_e + latency
+    forward, backward = micro_s / 3, 2 * micro_s / 3
+    if plan.zero_stage < 3:
+        return (max(0.0, reduce - backward) if overlap else reduce) + reduce
+    gather = ring * element_bytes(cfg.train.precision) + latency
+    if not overlap:
+        return 2 * m * gather + reduce
+    hidden = m * max(0.0, gather - forward) + (m - 1) * max(0.0, gather - backward)
+    return hidden + max(0.0, gather + reduce - backward)
 
 
 def _gib(n: float) -> str:

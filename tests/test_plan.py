@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -209,6 +210,28 @@ def test_bad_layouts(
     text = str(info.value)
     assert text.startswith(message), text
     assert "\n" not in text
+
+
+def test_auto_search_counts_grouped_kv_heads() -> None:
+    """Llama-3-70B (8 KV heads) on 8 x 8 A100-80GB against its multi-head twin: in every
+    layout the smaller K/V weights, their gradients, optimizer state and activations
+    take less memory and the K/V projections fewer FLOPs, so more layouts fit."""
+    base = ("model=llama3_70b", "parallel=auto", "cluster=a100_80g", "cluster.nodes=8")
+    gqa = {_layout(c): c for c in search_layouts(load(*base))}
+    mha = {_layout(c): c for c in search_layouts(load(*base, "model.n_kv_heads=64"))}
+    assert gqa.keys() == mha.keys()
+    for key, c in gqa.items():
+        assert c.estimate.peak.total < mha[key].estimate.peak.total, key
+        assert c.estimate.tokens_per_s_per_device > mha[key].estimate.tokens_per_s_per_device
+    fits = sum(c.estimate.fits for c in gqa.values())
+    assert fits > sum(c.estimate.fits for c in mha.values())
+    best = next(iter(gqa.values()))  # ranked: the fastest that fits first
+    assert best.estimate.fits and best.parallel.tp * best.parallel.pp * best.parallel.dp == 64
+
+
+def _layout(c: Any) -> tuple[int, int, int, int, int, str]:
+    p = c.parallel
+    return (p.tp, p.pp, p.dp, p.zero_stage, p.micro_batch_size, p.activation_checkpointing)
 
 
 def test_auto_picks_the_fastest_layout_that_fits() -> None:
