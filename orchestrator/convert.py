@@ -8,8 +8,11 @@ tensors (``Transformer.full_state_dict`` / ``load_full_state_dict``). From it:
   Meta rotates interleaved pairs (wk per KV head: ``n_kv_heads`` of them).
 - Meta's original release: ``params.json`` plus ``consolidated.NN.pth``, one
   file per model-parallel rank of fairscale's layers (7B: 1, 13B: 2, 33B: 4,
-  65B: 8). Each file holds a tensor-parallel shard; the split axis per
-  parameter is in ``META_SPLIT_DIM``.
+  65B: 8; Llama 2 70B and Llama 3 70B: 8; Llama 3.1 405B: 8 or 16). Each file
+  holds a tensor-parallel shard; the split axis per parameter is in
+  ``META_SPLIT_DIM``, except Llama 3's embedding, split by vocabulary rows (read
+  from the shapes). With more shards than KV heads (405B's 8 at MP16) each KV
+  head sits on shards / n_kv_heads consecutive shards.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: loading one
 cannot run code.
@@ -161,24 +164,74 @@ def _meta_split_dim(name: str) -> int | None:
     return META_SPLIT_DIM[_split_key(name)[1]]
 
 
-def merge_meta_shards(shards: list[StateDict]) -> StateDict:
-    """Meta's per-model-parallel-rank ``consolidated.NN.pth`` dicts -> full state dict."""
+_KV = ("attention.wk.weight", "attention.wv.weight")
+
+
+def _is_kv(name: str) -> bool:
+    return _split_key(name)[1] in _KV
+
+
+def merge_meta_shards(shards: list[StateDict], *, kv_dim: int | None = None) -> StateDict:
+    """Meta's per-model-parallel-rank ``consolidated.NN.pth`` dicts -> full state dict.
+
+    More shards than KV heads (``kv_dim`` = n_kv_heads x head_dim wide K and V):
+    each KV head is replicated on ``shards / n_kv_heads`` consecutive shards (the
+    rule of Megatron-Core and of ``model_parallel``'s tp), and the first copy of
+    each is kept.
+    """
     out: StateDict = {}
     for name in shards[0]:
         if name == "rope.freqs":
             continue  # precomputed rotary frequencies, recomputed by the model
         dim = _meta_split_dim(name)
         parts = [shard[name] for shard in shards]
+        if (
+            name == "tok_embeddings.weight"
+            and parts[0].shape[1] == shards[0]["norm.weight"].numel()
+        ):
+            dim = 0  # Llama 3's VocabParallelEmbedding: each shard has rows of the vocabulary
+        if dim is not None and kv_dim is not None and _is_kv(name):
+            rows = sum(part.shape[0] for part in parts)
+            if rows > kv_dim:
+                if rows % kv_dim != 0:
+                    raise ValueError(
+                        f"{name}: {len(shards)} shards of {parts[0].shape[0]} rows "
+                        f"are not copies of {kv_dim} rows of KV heads"
+                    )
+                parts = parts[:: rows // kv_dim]
         out[name] = parts[0].clone() if dim is None else torch.cat(parts, dim=dim)
     return out
 
 
-def split_meta_shards(state: StateDict, num_shards: int) -> list[StateDict]:
-    """Full state dict -> ``num_shards`` dicts in Meta's ``consolidated.NN.pth`` layout."""
+def split_meta_shards(
+    state: StateDict,
+    num_shards: int,
+    *,
+    n_kv_heads: int | None = None,
+    vocab_parallel_embedding: bool = False,
+) -> list[StateDict]:
+    """Full state dict -> ``num_shards`` dicts in Meta's ``consolidated.NN.pth`` layout;
+    with more shards than ``n_kv_heads``, each KV head on ``num_shards / n_kv_heads``
+    consecutive shards. The embedding is split along its width (Llama 1 and 2's
+    ``ParallelEmbedding``) or, ``vocab_parallel_embedding``, along the vocabulary
+    (Llama 3's ``VocabParallelEmbedding``)."""
     shards: list[StateDict] = [{} for _ in range(num_shards)]
     for name, tensor in state.items():
         dim = _meta_split_dim(name)
-        parts = [tensor] * num_shards if dim is None else list(tensor.chunk(num_shards, dim=dim))
+        if name == "tok_embeddings.weight" and vocab_parallel_embedding:
+            dim = 0
+        if dim is None:
+            parts = [tensor] * num_shards
+        elif n_kv_heads is not None and num_shards > n_kv_heads and _is_kv(name):
+            if num_shards % n_kv_heads != 0:
+                raise ValueError(
+                    f"num_shards={num_shards}: must divide or be a multiple of "
+                    f"n_kv_heads({n_kv_heads})"
+                )
+            heads = tensor.chunk(n_kv_heads, dim=dim)
+            parts = [head for head in heads for _ in range(num_shards // n_kv_heads)]
+        else:
+            parts = list(tensor.chunk(num_shards, dim=dim))
         for shard, part in zip(shards, parts, strict=True):
             shard[name] = part.clone()
     return shards
@@ -214,7 +267,9 @@ def load_meta_checkpoint(directory: str | Path) -> tuple[ModelArgs, StateDict]:
     if not files:
         raise FileNotFoundError(f"no consolidated.*.pth in {directory}")
     shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
-    state = merge_meta_shards(shards)
+    head_dim = params["dim"] // params["n_heads"]
+    kv_dim = params.get("n_kv_heads", params["n_heads"]) * head_dim
+    state = merge_meta_shards(shards, kv_dim=kv_dim)
     args = args_from_meta_params(params, vocab_size=state["tok_embeddings.weight"].shape[0])
     return args, state
 
@@ -244,5 +299,12 @@ def save_meta_checkpoint(
             raise ValueError("Meta's params.json has only use_scaled_rope: Llama 3.1's constants")
         params["use_scaled_rope"] = True
     (directory / "params.json").write_text(json.dumps(params))
-    for i, shard in enumerate(split_meta_shards(state, num_shards)):
+    # Llama 3's reference code (rope_theta 500,000) splits the embedding by vocabulary rows.
+    shards = split_meta_shards(
+        state,
+        num_shards,
+        n_kv_heads=args.num_kv_heads,
+        vocab_parallel_embedding=args.rope_theta != 10000.0,
+    )
+    for i, shard in enumerate(shards):
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")

@@ -111,6 +111,29 @@ def test_gqa_meta_round_trip(tmp_path: Path) -> None:
     assert all(torch.equal(back[name], state[name]) for name in state)
 
 
+@pytest.mark.parametrize("num_shards", [4, 8])
+def test_meta_shards_beyond_the_kv_heads(tmp_path: Path, num_shards: int) -> None:
+    """More model-parallel shards than KV heads (Llama 3.1 405B at MP16: 8 KV heads):
+    each shard carries one KV head, copied on shards / n_kv_heads consecutive shards,
+    and the embedding is split by vocabulary rows (Llama 3's VocabParallelEmbedding)."""
+    args = dataclasses.replace(ARGS, rope_scaling=None, vocab_size=208)
+    assert args.n_kv_heads == 2 and args.vocab_size % num_shards == 0
+    state = Transformer(args, seed=5).full_state_dict()
+    save_meta_checkpoint(tmp_path, args, state, num_shards=num_shards)
+    files = sorted(tmp_path.glob("consolidated.*.pth"))
+    shards = [torch.load(f, weights_only=True) for f in files]
+    assert len(shards) == num_shards
+    wk = state["layers.0.attention.wk.weight"]
+    copies = num_shards // 2
+    for i, shard in enumerate(shards):
+        assert torch.equal(shard["layers.0.attention.wk.weight"], wk.chunk(2)[i // copies])
+        assert shard["tok_embeddings.weight"].shape == (args.vocab_size // num_shards, args.dim)
+    loaded, back = load_meta_checkpoint(tmp_path)
+    assert loaded.n_kv_heads == 2 and loaded.vocab_size == args.vocab_size
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[name], state[name]) for name in state)
+
+
 def test_meta_params_use_scaled_rope(tmp_path: Path) -> None:
     args = dataclasses.replace(ARGS, rope_scaling=RopeScaling())
     save_meta_checkpoint(tmp_path, args, Transformer(args).full_state_dict(), num_shards=1)
