@@ -31,6 +31,7 @@ from orchestrator.data.build import resolve_paths
 from orchestrator.engine import deepspeed_config
 from orchestrator.launcher import local_capacity, run_local
 from orchestrator.plan import Plan, format_plan, validate_config
+from orchestrator.pretrained_config import fill_model_from_checkpoint
 
 EXIT_BAD_CONFIG = 2
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +41,11 @@ _MERGING_OVERRIDE = re.compile(r"^Error merging override (\S+)", re.MULTILINE)
 _APPEND_HINT = re.compile(r"^To append to your config use \+(\S+)", re.MULTILINE)
 
 
-def to_config(cfg: DictConfig) -> Config:
-    """The typed config; library code past the entry point only sees this."""
+def to_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
+    """The typed config; library code past the entry point only sees this.
+    ``overrides``: the command line's (``model=pretrained`` fills the rest)."""
     _reject_unknown_keys(cfg)
+    fill_model_from_checkpoint(cfg, overrides)  # the architecture of model.init_from
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"{missing[0]}=???: must be set (add {missing[0]}=... to the command)")
@@ -50,6 +53,15 @@ def to_config(cfg: DictConfig) -> Config:
     if not isinstance(config, Config):
         raise TypeError(f"expected the structured Config schema, got {type(config).__name__}")
     return config
+
+
+def _command_line() -> list[str]:
+    """Hydra's task overrides (the ``key=value`` words of the command line)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
 
 
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
@@ -80,7 +92,7 @@ def compose_config(overrides: Sequence[str] = (), *, conf_dir: Path) -> Config:
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
-    return to_config(cfg)
+    return to_config(cfg, overrides)
 
 
 def main(cfg: DictConfig) -> int:
@@ -90,7 +102,7 @@ def main(cfg: DictConfig) -> int:
     nothing written), otherwise the launcher's (``launcher=slurm``: 0 once submitted).
     """
     try:
-        config = to_config(cfg)
+        config = to_config(cfg, _command_line())
         plan = validate_config(config)
         deepspeed_config(config, plan)  # an extra key that conflicts fails here
         if not config.dry_run:

@@ -138,8 +138,8 @@ GQA = [
 
 def test_gqa_llama3_import_into_a_pipeline_and_export(tmp_path: Path) -> None:
     """A random LlamaForCausalLM with one KV head and llama3 rope scaling starts a
-    tp2 x pp2 run (each stage loads its replicated K/V from the full tensors): the
-    first loss is transformers'; the checkpoint, merged with one copy per KV head,
+    tp2 x pp2 run from ``model=pretrained`` (each stage loads its replicated K/V from
+    the full tensors): the first loss is transformers'; the checkpoint, merged with one copy per KV head,
     exports to a model from_pretrained loads and that agrees with ours."""
     from orchestrator.cli import compose_config
 
@@ -150,8 +150,21 @@ def test_gqa_llama3_import_into_a_pipeline_and_export(tmp_path: Path) -> None:
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
 
+    # model=pretrained: the architecture (GQA, theta, llama3 scaling) from its config.json
     run = tmp_path / "run"
-    _run(run, *GQA, "parallel=tp2pp2", "train.steps=1", f"model.init_from={tmp_path / 'hf'}")
+    run_launch(
+        "model=pretrained",
+        f"model.init_from={tmp_path / 'hf'}",
+        "model.max_seq_len=128",  # the runs' context (the checkpoint's is 32)
+        "data=synthetic",
+        "train.log_interval=1",
+        "train.global_batch_size=8",
+        "train.lr=3e-3",
+        "train.precision=fp32",
+        "parallel=tp2pp2",
+        "train.steps=1",
+        f"run.dir={run}",
+    )
     assert read_metrics(run / "metrics.jsonl")[0]["loss"] == pytest.approx(
         _first_batch_loss(hf), rel=1e-5
     )
