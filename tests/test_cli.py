@@ -95,7 +95,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], expected: s
         (
             ["model=13c"],
             "model=13c: no config 'model/13c'; available: 13b, 1b, 33b, 65b, 7b, llama2_13b, "
-            "llama2_70b, llama2_7b, llama3_405b, llama3_70b, llama3_8b, tiny",
+            "llama2_70b, llama2_7b, llama3_405b, llama3_70b, llama3_8b, pretrained, tiny",
         ),
         (["cluster=nope"], "cluster=nope: no config 'cluster/nope'; available: a100_40g"),
         (["parallel.tpp=2"], "parallel.tpp=2: Key 'tpp' not in 'ParallelConfig'"),
