@@ -52,6 +52,7 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
     # 7B: tp2, ZeRO-2 over dp 64: 128 GPUs, 16 nodes.
     "llama7b": (
         "model=7b",
+        "cluster=a100_80g",
         "parallel=tp2pp1",
         "parallel.dp=64",
         "parallel.zero_stage=2",
@@ -60,6 +61,7 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
     # 13B: tp4 x pp2, dp 32: 256 GPUs, 32 nodes.
     "llama13b": (
         "model=13b",
+        "cluster=a100_80g",
         "parallel=tp4pp2",
         "parallel.dp=32",
         "parallel.activation_checkpointing=full",
@@ -67,19 +69,54 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
     # 33B (52 heads: tp <= 4): tp4 x pp2, dp 128: 1024 GPUs, 128 nodes.
     "llama33b": (
         "model=33b",
+        "cluster=a100_80g",
         "parallel=tp4pp2",
         "parallel.dp=128",
         "parallel.activation_checkpointing=full",
     ),
     # 65B at the paper's scale: tp8 x pp4, dp 64: 2048 GPUs, 256 nodes.
-    "llama65b": ("model=65b", "parallel=tp8pp4", "parallel.dp=64"),
+    "llama65b": ("model=65b", "cluster=a100_80g", "parallel=tp8pp4", "parallel.dp=64"),
+    # Llama-2-70B on A100-80GB (Meta's RSC ran it on A100-80GB): tp8 x pp4 x dp64 =
+    # 2048 GPUs, 256 nodes; sequence parallelism keeps 1F1B's in-flight activations at
+    # 24 GiB without recomputation (43.5 GiB per GPU planned).
+    "llama2_70b": (
+        "model=llama2_70b",
+        "cluster=a100_80g",
+        "parallel=tp8pp4",
+        "parallel.dp=64",
+        "parallel.sequence_parallel=true",
+        "parallel.activation_checkpointing=none",
+    ),
+    # Llama-3.1-405B's initial stage (4M tokens: 1024 x 4096) on H100 SXM: Meta's tp8 x
+    # pp16 with one layer fewer on the first and last stages (the paper's 3.3.2), dp 16:
+    # 2048 GPUs, 256 nodes. Without recomputation stage 1 would hold 98.6 GiB.
+    "llama3_405b": (
+        "model=llama3_405b",
+        "cluster=h100_sxm",
+        "parallel=tp8pp8",
+        "parallel.pp=16",
+        "parallel.dp=16",
+        "parallel.pipeline_split=[7,8,8,8,8,8,8,8,8,8,8,8,8,8,8,7]",
+        "parallel.sequence_parallel=true",
+        "parallel.activation_checkpointing=full",
+    ),
 }
-CHECKED_IN_COMMON = (
-    "cluster=a100_80g",
-    "data=llama_mixture",
+# The data paths are relative to the repository root; Llama 3's tokenizer is a
+# Hugging Face tokenizer.json, the others Meta's SentencePiece model.
+CHECKED_IN_DATA = {
+    "llama3_405b": ("data.root=data/redpajama_llama3", "data.tokenizer=data/llama3/tokenizer.json"),
+}
+CHECKED_IN_COMMON = ("data=llama_mixture",)
+CHECKED_IN_DEFAULT_DATA = (
     "data.root=data/redpajama",
     "data.tokenizer=data/llama/tokenizer.model",
 )
+
+
+def checked_in_overrides(name: str) -> tuple[str, ...]:
+    """The config overrides a checked-in script starts from."""
+    data = CHECKED_IN_DATA.get(name, CHECKED_IN_DEFAULT_DATA)
+    return (*CHECKED_IN[name], *CHECKED_IN_COMMON, *data)
 
 
 @dataclass(frozen=True)
@@ -366,14 +403,15 @@ def _sbatch(sbatch: str, script: Path, *, cwd: Path) -> str:
 
 def render_checked_in(name: str) -> str:
     """``slurm/<name>.sh``: run from the submit directory, writing its own run directory."""
-    overrides = (*CHECKED_IN[name], *CHECKED_IN_COMMON)
+    overrides = checked_in_overrides(name)
+    tokenizer = "tokenizer.json" if name in CHECKED_IN_DATA else "tok.model"
     config = _compose(overrides)
     config.slurm.job_name = name
     plan = validate_config(config)
     notes = (
         "",
         f"Submit from the repository root:  sbatch slurm/{name}.sh [OVERRIDE ...]",
-        f"  e.g. sbatch slurm/{name}.sh data.root=/data/redpajama data.tokenizer=/data/tok.model",
+        f"  e.g. sbatch slurm/{name}.sh data.root=/data/redpajama data.tokenizer=/data/{tokenizer}",
         "  (overrides apply when the run directory is new; a requeued job reuses its config).",
         "Partition and account: sbatch -p NAME -A ACCOUNT ..., or SBATCH_PARTITION and",
         "  SBATCH_ACCOUNT in the environment: both take precedence over the #SBATCH lines.",

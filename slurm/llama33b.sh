@@ -45,7 +45,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 #    last checkpoint (run.resume=auto). Arguments to this script are config
 #    overrides for the first start.
 "$PYTHON" -m orchestrator.slurm prepare "$RUN_DIR" --ntasks "${SLURM_NTASKS:-0}" \
-    --job-id "${SLURM_JOB_ID:-}" -- model=33b parallel=tp4pp2 parallel.dp=128 parallel.activation_checkpointing=full cluster=a100_80g data=llama_mixture data.root=data/redpajama data.tokenizer=data/llama/tokenizer.model ${1+"$@"}
+    --job-id "${SLURM_JOB_ID:-}" -- model=33b cluster=a100_80g parallel=tp4pp2 parallel.dp=128 parallel.activation_checkpointing=full data=llama_mixture data.root=data/redpajama data.tokenizer=data/llama/tokenizer.model ${1+"$@"}
 
 # 2. This shell runs on the first node. Its address as SLURM knows it (NodeAddr,
 #    usable where node names do not resolve) and a port free on it now.

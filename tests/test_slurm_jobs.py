@@ -21,6 +21,7 @@ from orchestrator.checkpoint import latest_tag
 from orchestrator.export import export
 from orchestrator.faults import EXIT_REQUEUE
 from orchestrator.metrics import read_metrics
+from orchestrator.slurm import CHECKED_IN
 from tests.launch import REPO, run_launch
 from tests.slurm_cluster import (
     TERMINAL_STATES,
@@ -196,7 +197,7 @@ def test_a_dead_rank_fails_the_job(
     assert time.monotonic() - killed_at < 90  # well before any hang timeout
 
 
-@pytest.mark.parametrize("name", ["llama7b", "llama13b", "llama33b", "llama65b"])
+@pytest.mark.parametrize("name", sorted(CHECKED_IN))
 def test_checked_in_scripts_are_accepted_by_sbatch(
     slurm_a100_cluster: SlurmCluster,  # noqa: F811
     name: str,

@@ -48,25 +48,30 @@ def test_checked_in_script_is_what_the_generator_renders(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "nodes", "world", "layout"),
+    ("name", "model", "cluster", "nodes", "world", "layout"),
     [
-        ("llama7b", 16, 128, "tp(2) * pp(1) * dp(64), ZeRO-2"),
-        ("llama13b", 32, 256, "tp(4) * pp(2) * dp(32), ZeRO-1"),
-        ("llama33b", 128, 1024, "tp(4) * pp(2) * dp(128), ZeRO-1"),
-        ("llama65b", 256, 2048, "tp(8) * pp(4) * dp(64), ZeRO-1"),
+        ("llama7b", "7b", "a100_80g", 16, 128, "tp(2) * pp(1) * dp(64), ZeRO-2"),
+        ("llama13b", "13b", "a100_80g", 32, 256, "tp(4) * pp(2) * dp(32), ZeRO-1"),
+        ("llama33b", "33b", "a100_80g", 128, 1024, "tp(4) * pp(2) * dp(128), ZeRO-1"),
+        ("llama65b", "65b", "a100_80g", 256, 2048, "tp(8) * pp(4) * dp(64), ZeRO-1"),
+        ("llama2_70b", "llama2_70b", "a100_80g", 256, 2048, "tp(8) * pp(4) * dp(64), ZeRO-1"),
+        ("llama3_405b", "llama3_405b", "h100_sxm", 256, 2048, "tp(8) * pp(16) * dp(16), ZeRO-1"),
     ],
 )
-def test_checked_in_headers(name: str, nodes: int, world: int, layout: str) -> None:
+def test_checked_in_headers(
+    name: str, model: str, cluster: str, nodes: int, world: int, layout: str
+) -> None:
     script = (slurm.SLURM_DIR / f"{name}.sh").read_text()
-    assert f"# LLaMA {name[5:]}: world size {world} = {layout}" in script
-    assert f"on {nodes} nodes x 8 ranks (8 GPUs per node; cluster a100_80g" in script
+    assert f"# LLaMA {model}: world size {world} = {layout}" in script
+    assert f"on {nodes} nodes x 8 ranks (8 GPUs per node; cluster {cluster}" in script
+    cpus = {"a100_80g": 10, "h100_sxm": 12}[cluster]
     assert _options(script) == [
         f"--job-name={name}",
         f"--nodes={nodes}",
         f"--ntasks={world}",
         "--ntasks-per-node=8",
         "--gpus-per-node=8",
-        "--cpus-per-task=10",
+        f"--cpus-per-task={cpus}",
         "--time=2-00:00:00",
         "--partition=gpu",
         "--exclusive",
@@ -558,3 +563,18 @@ def test_auto_inside_an_allocation_needs_a_shared_run_dir(tmp_path: Path) -> Non
         result,
         "error: launcher=auto: started by torchrun with 2 ranks but the layout needs world_size(1)",
     )
+
+
+def test_every_checked_in_script_has_its_header_checked() -> None:
+    checked = {"llama7b", "llama13b", "llama33b", "llama65b", "llama2_70b", "llama3_405b"}
+    assert set(slurm.CHECKED_IN) == checked
+
+
+def test_llama3_405b_script_carries_meta_stage_split_and_its_tokenizer() -> None:
+    script = (slurm.SLURM_DIR / "llama3_405b.sh").read_text()
+    assert "parallel.pipeline_split=[7,8,8,8,8,8,8,8,8,8,8,8,8,8,8,7]" in script
+    assert "data.tokenizer=data/llama3/tokenizer.json" in script
+    config = slurm._compose(slurm.checked_in_overrides("llama3_405b"))
+    plan = slurm.validate_config(config)
+    sizes = [last - first + 1 for first, last in plan.stage_layers]
+    assert sizes == [7] + [8] * 14 + [7] and plan.world_size == 2048
