@@ -62,3 +62,42 @@ def test_bad_layouts() -> None:
         Layout(tp=0)
     with pytest.raises(ValueError, match="rank=8"):
         Layout(tp=2, pp=2, dp=2).coords(8)
+
+
+# Every layout the training tests run, and the checked-in scripts' (65B tp8 pp4 dp64,
+# Llama-2-70B the same, Llama-3.1-405B tp8 pp16 dp16): DeepSpeed's pipeline grid must
+# place each rank where our groups do, or the pipeline engine would send activations
+# to a rank of another data-parallel replica.
+GRID_LAYOUTS = [
+    (1, 1, 1),
+    (2, 1, 1),
+    (1, 2, 1),
+    (1, 1, 2),
+    (2, 2, 1),
+    (2, 1, 2),
+    (1, 2, 2),
+    (2, 2, 2),
+    (4, 1, 1),
+    (1, 4, 1),
+    (8, 4, 64),
+    (8, 16, 16),
+]
+
+
+@pytest.mark.parametrize("tp,pp,dp", GRID_LAYOUTS)
+def test_deepspeed_pipeline_grid_places_ranks_as_our_layout(tp: int, pp: int, dp: int) -> None:
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    layout = Layout(tp=tp, pp=pp, dp=dp)
+    grid = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    assert grid.world_size() == layout.world_size
+    for rank in range(layout.world_size):
+        ours, theirs = layout.coords(rank), grid.get_coord(rank)
+        assert (theirs.pipe, theirs.data, theirs.model) == (
+            ours.pp_rank,
+            ours.dp_rank,
+            ours.tp_rank,
+        ), rank
+    assert sorted(grid.get_axis_comm_lists("model")) == sorted(layout.tp_groups())
+    assert sorted(grid.get_axis_comm_lists("data")) == sorted(layout.dp_groups())
+    assert sorted(grid.get_axis_comm_lists("pipe")) == sorted(layout.pp_groups())
