@@ -12,7 +12,7 @@ The vocab-parallel loss runs on the last stage (``PipelineLoss``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
@@ -105,6 +105,9 @@ class PipelineLoss:
         self.tp_group = tp_group
         self.vocab_size = vocab_size
         self.compiled = False  # set by compile_model
+        # Applied to each micro-batch's loss when set (the trainer's testing aids:
+        # orchestrator.numerics.LossFault).
+        self.hook: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = vocab_parallel_cross_entropy(
@@ -114,7 +117,8 @@ class PipelineLoss:
             vocab_size=self.vocab_size,
             compiled=self.compiled,
         )
-        return masked_mean(loss, labels)
+        loss = masked_mean(loss, labels)
+        return loss if self.hook is None else self.hook(loss)
 
 
 def stage_boundaries(stage_layers: Sequence[tuple[int, int]]) -> list[int]:

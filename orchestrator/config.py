@@ -277,11 +277,13 @@ class FaultsConfig:
     max_consecutive_skips: int = 5  # NaN/Inf steps in a row before rolling back
     spike_factor: float = 0.0  # roll back when loss > factor x recent mean; 0: off
     spike_window: int = 50  # good steps in that mean
-    # Testing aid: make the loss NaN on the N-th global batches drawn (pp = 1 only).
+    # Testing aids (orchestrator.numerics.LossFault) on the N-th global batches drawn: a NaN
+    # loss; a finite loss with an Inf gradient; the loss x 1000 (a bad update that is
+    # applied, clipped, and shows as a spike). inject_rank: on that global rank only.
     inject_nan_at_steps: list[int] = field(default_factory=list)
-    # Testing aid: multiply the loss by 1000 on the N-th global batches drawn (pp = 1 only):
-    # a bad update that is applied (clipped) and shows as a loss spike.
+    inject_inf_grad_at_steps: list[int] = field(default_factory=list)
     inject_spike_at_steps: list[int] = field(default_factory=list)
+    inject_rank: int | None = None
     # Testing aid: this rank sleeps inject_slow_s at the start of every step (a straggler).
     inject_slow_rank: int | None = None
     inject_slow_s: float = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Any
 
 import torch
@@ -192,7 +193,7 @@ def grad_norm(model: nn.Module, groups: ProcessGroups) -> float:
     tp-sharded gradients count on every tp rank, replicated ones on tp rank 0
     only (a shard replicated on several ranks, as KV heads when tp exceeds
     them, on the first of them: ``counts_in_norm``). Used where DeepSpeed
-    reports none (ZeRO-0 in fp32); gradients must
+    reports none (ZeRO-0 in fp32), over every pipeline stage; gradients must
     already be reduced over dp.
     """
     total = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
@@ -201,6 +202,8 @@ def grad_norm(model: nn.Module, groups: ProcessGroups) -> float:
             total += param.grad.detach().float().pow(2).sum()
     if groups.tp_size > 1:
         dist.all_reduce(total, group=groups.tp_group)
+    if groups.pp_size > 1:  # each stage holds its own layers
+        dist.all_reduce(total, group=groups.pp_group)
     return float(total.sqrt())
 
 
@@ -244,6 +247,8 @@ def initialize(
         mpu=mpu,
         dist_init_required=False,
     )
+    if plan.zero_stage == 0:
+        _skip_non_finite_steps_at_zero0(engine, model, groups)
     if plan.zero_stage == 3:
         _check_overflow_in_every_dtype(engine.optimizer)
     if groups.dp_size == 1:
@@ -261,6 +266,43 @@ def _skip_fallback_all_reduce(engine: Any) -> None:
     also move gradients into their partitions) are left alone.
     """
     engine.buffered_allreduce_fallback = lambda *args, **kwargs: None
+
+
+def _skip_non_finite_steps_at_zero0(engine: Any, model: nn.Module, groups: ProcessGroups) -> None:
+    """Make ZeRO-0 skip a step whose global gradient norm is NaN/Inf, pipeline or not.
+
+    ZeRO-1/2 and bf16 check every step; DeepSpeed's plain (ZeRO-0) optimiser
+    would apply a NaN. At the step boundary the engine clips (when
+    ``gradient_clipping`` is set), calls ``optimizer.step()``, then counts a
+    skip and holds the lr schedule when ``optimizer.overflow`` is true. So the
+    norm is taken once before the clip (``grad_norm``: over tp and every
+    stage), reported as DeepSpeed's own (``_global_grad_norm``), and a
+    non-finite one sets ``overflow`` and leaves the weights and Adam's state
+    alone; the engine then clears the gradients as after any step.
+    """
+    optimizer = engine.optimizer
+    step, clip = optimizer.step, engine.clip_fp32_gradients
+    measured: list[float] = []  # this boundary's norm, taken before clipping
+
+    def norm() -> float:
+        if not measured:
+            measured.append(grad_norm(model, groups))
+        return measured[0]
+
+    def clip_after_norm() -> None:
+        if math.isfinite(norm()):
+            clip()
+
+    def checked_step(*args: Any, **kwargs: Any) -> None:
+        value = norm()
+        measured.clear()
+        optimizer._global_grad_norm = value
+        optimizer.overflow = not math.isfinite(value)
+        if not optimizer.overflow:
+            step(*args, **kwargs)
+
+    engine.clip_fp32_gradients = clip_after_norm
+    optimizer.step = checked_step  # shadows the method on this instance
 
 
 def _check_overflow_in_every_dtype(zero: Any) -> None:

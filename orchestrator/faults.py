@@ -29,7 +29,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -336,50 +335,3 @@ class Watchdog:
             return f"{head}; rank 0 names the ranks behind"
         found = self.heartbeat.laggards(world_size=self.world_size, since=self.started_at - 60)
         return f"{head}; {describe_laggards(found, skip=rank)}"
-
-
-@dataclass
-class Verdict:
-    skipped: bool = False
-    rollback: str = ""  # why the run must roll back to its last checkpoint ("" when not)
-
-
-class NumericsGuard:
-    """The OPT/metaseq policy on bad steps.
-
-    A step whose loss or gradient norm is NaN/Inf is not applied (DeepSpeed's
-    ZeRO-1/2 optimiser and fp16 loss scaling skip it) and is counted here.
-    After ``max_consecutive_skips`` such steps in a row, or a loss above
-    ``spike_factor`` times the mean of the last ``spike_window`` good steps,
-    the run rolls back to its last checkpoint and moves on past the batches
-    that caused it.
-    """
-
-    def __init__(
-        self, *, max_consecutive_skips: int, spike_factor: float, spike_window: int
-    ) -> None:
-        self.max_consecutive_skips = max_consecutive_skips
-        self.spike_factor = spike_factor
-        self.recent: deque[float] = deque(maxlen=spike_window)
-        self.skipped_total = 0
-        self.consecutive = 0
-
-    def observe(self, loss: float, *, skipped: bool) -> Verdict:
-        if skipped or not math.isfinite(loss):
-            self.skipped_total += 1
-            self.consecutive += 1
-            if self.consecutive >= self.max_consecutive_skips:
-                return Verdict(True, f"{self.consecutive} consecutive non-finite steps")
-            return Verdict(skipped=True)
-        self.consecutive = 0
-        full = len(self.recent) == self.recent.maxlen
-        if self.spike_factor and full:
-            mean = sum(self.recent) / len(self.recent)
-            if loss > self.spike_factor * mean:
-                return Verdict(False, f"loss spike {loss:.4f} > {self.spike_factor:g} x {mean:.4f}")
-        self.recent.append(loss)
-        return Verdict()
-
-    def after_rollback(self) -> None:
-        self.consecutive = 0
-        self.recent.clear()

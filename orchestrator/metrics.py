@@ -33,6 +33,7 @@ class StepMetrics:
     skipped_steps: int = 0  # non-finite steps not applied, so far
     total_steps: int = 0
     loss_scale: float | None = None  # fp16 only
+    scaler_skips: int = 0  # fp16: steps the loss scaler skipped (not bad steps), so far
     tokens_per_s_per_device: float = 0.0
     tflops_per_device: float = 0.0  # model FLOPs (orchestrator.flops) per second, in TFLOP/s
     mfu: float = 0.0  # tflops_per_device / cluster.peak_tflops

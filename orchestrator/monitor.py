@@ -82,6 +82,7 @@ class Monitor:
         skipped_steps: int,
         loss_scale: float | None,
         log_now: bool,
+        scaler_skips: int = 0,
     ) -> None:
         """After every optimiser step on every rank; logs on rank 0 when ``log_now``."""
         self.last_step = step
@@ -115,6 +116,7 @@ class Monitor:
             skipped_steps=skipped_steps,
             total_steps=self.total_steps,
             loss_scale=loss_scale,
+            scaler_skips=scaler_skips,
             tokens_per_s_per_device=per_device,
             tflops_per_device=tflops,
             mfu=tflops / peak,

@@ -78,6 +78,7 @@ def _resolve_fixed(cfg: Config) -> Plan:
     seq_len = _check_training(cfg, args)
     stage_layers = _split_layers(args.n_layers, par)
     world_size, dp, nodes = _resolve_world(par, cfg.cluster)
+    _check_fault_rank(cfg, world_size, dp)
     num_micro_batches = _num_micro_batches(cfg.train.global_batch_size, par, dp)
     vocab = padded_vocab_size(args.vocab_size, par.tp, multiple=VOCAB_MULTIPLE)
     return Plan(
@@ -157,13 +158,21 @@ def _check_training(cfg: Config, args: ModelArgs) -> int:
             "(DeepSpeed's ZeRO-0 accumulates bf16 gradients, or with pp > 1 refuses "
             "fp32 accumulation)"
         )
-    for name in ("inject_nan_at_steps", "inject_spike_at_steps"):
-        steps = getattr(cfg.faults, name)
-        if steps and cfg.parallel.pp > 1:
-            raise ValueError(
-                f"faults.{name}={steps}: supported with pp=1 only (pp={cfg.parallel.pp})"
-            )
     return seq_len
+
+
+def _check_fault_rank(cfg: Config, world_size: int, dp: int) -> None:
+    """faults.inject_rank must be a rank that computes a loss: any rank, or the last stage's."""
+    rank = cfg.faults.inject_rank
+    if rank is None:
+        return
+    par = cfg.parallel
+    first = (par.pp - 1) * par.tp * dp  # the last pipeline stage's ranks: first..world-1
+    if not first <= rank < world_size:
+        where = "the last pipeline stage, where the loss is computed" if par.pp > 1 else "the job"
+        raise ValueError(
+            f"faults.inject_rank={rank}: must be a rank of {where} ({first}..{world_size - 1})"
+        )
 
 
 def _split_layers(n_layers: int, par: ParallelConfig) -> tuple[tuple[int, int], ...]:

@@ -12,7 +12,6 @@ pipeline we average over micro-batches and dp ranks).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import socket
@@ -38,15 +37,9 @@ from orchestrator.config import Config
 from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
 from orchestrator.dist_env import console_fd, init_process_group, read_env
-from orchestrator.faults import (
-    EXIT_REQUEUE,
-    EXIT_SAVE_FAILED,
-    Heartbeat,
-    NumericsGuard,
-    StopRequest,
-    Watchdog,
-)
+from orchestrator.faults import EXIT_REQUEUE, EXIT_SAVE_FAILED, Heartbeat, StopRequest, Watchdog
 from orchestrator.monitor import Monitor, banner, loss_scale
+from orchestrator.numerics import LossFault, NumericsGuard, agree
 from orchestrator.plan import Plan, resolve_plan
 from orchestrator.startup import StartupSignals, phase_label
 from orchestrator.weights import read_pretrained
@@ -141,7 +134,17 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
         max_consecutive_skips=cfg.faults.max_consecutive_skips,
         spike_factor=cfg.faults.spike_factor,
         spike_window=cfg.faults.spike_window,
+        fp16=cfg.train.precision == "fp16",
     )
+    fault = LossFault(
+        nan_at=cfg.faults.inject_nan_at_steps,
+        inf_grad_at=cfg.faults.inject_inf_grad_at_steps,
+        spike_at=cfg.faults.inject_spike_at_steps,
+        only_rank=cfg.faults.inject_rank,
+        rank=env.rank,
+    )
+    if isinstance(model, LlamaPipeline) and fault.active:
+        model.loss_fn.hook = fault  # the last stage computes each micro-batch's loss
     stopping = save_failed = False
     if start_step == 0:
         evaluate(0, phase_label("first evaluation"))
@@ -158,25 +161,22 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             time.sleep(cfg.faults.inject_slow_s)  # a testing aid: a straggler
         lr = engine.get_lr()[0]
         skips_before = engine.skipped_steps
+        fault.arm(int(data.state_dict()["position"]) // plan.num_micro_batches + 1)
         if plan.pp > 1:
             loss = float(engine.train_batch(data_iter=batches))
             grad_norm = engine.get_global_grad_norm()
         else:
-            batch_number = int(data.state_dict()["position"]) // plan.num_micro_batches + 1
-            factor = 1.0
-            if batch_number in cfg.faults.inject_nan_at_steps:
-                factor = float("nan")
-            elif batch_number in cfg.faults.inject_spike_at_steps:
-                factor = 1000.0
-            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, factor)
+            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, fault)
         elapsed = time.perf_counter() - start
         watchdog.end_startup()
         waited = comm_wait.total - waited_before
         done = step + 1
-        verdict = guard.observe(loss, skipped=engine.skipped_steps > skips_before)
+        # Every rank the same verdict, whichever rank saw the fault.
+        seen, skipped = agree(loss, skipped=engine.skipped_steps > skips_before, device=device)
+        verdict = guard.observe(seen, skipped=skipped)
         monitor.step_done(
             step=done,
-            loss=loss,
+            loss=seen,
             lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             elapsed=elapsed,
@@ -184,16 +184,26 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             consumed_tokens=_consumed_tokens(data, plan),
             skipped_steps=guard.skipped_total,
             loss_scale=loss_scale(engine, cfg.train.precision),
+            scaler_skips=guard.scaler_skips,
             log_now=verdict.skipped
             or done % cfg.train.log_interval == 0
             or done == cfg.train.steps,
         )
-        if verdict.skipped:
+        if verdict.scaler:
+            log.info(
+                "step %d/%d | fp16 loss scale overflow: not applied, scale now %s "
+                "(scaler skips so far: %d; not bad steps)",
+                done,
+                cfg.train.steps,
+                loss_scale(engine, cfg.train.precision),
+                guard.scaler_skips,
+            )
+        elif verdict.skipped:
             log.warning(
                 "step %d/%d | skipped: loss %s, grad_norm %s (not applied)",
                 done,
                 cfg.train.steps,
-                loss,
+                seen,
                 grad_norm,
             )
         if verdict.rollback:
@@ -354,7 +364,7 @@ def _data_parallel_step(
     batches: Iterator[Batch],
     plan: Plan,
     groups: ProcessGroups,
-    loss_factor: float = 1.0,
+    fault: LossFault | None = None,
 ) -> tuple[float, float | None]:
     """One optimiser step as ``num_micro_batches`` forward/backward passes.
 
@@ -362,48 +372,23 @@ def _data_parallel_step(
     """
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
-    norm: float | None = None
-    for micro in range(plan.num_micro_batches):
+    for _ in range(plan.num_micro_batches):
         inputs, labels = next(batches)
         labels = labels.to(device)
         loss = masked_mean(model.loss(engine(inputs.to(device)), labels), labels)
-        if loss_factor != 1.0:  # faults.inject_nan_at_steps / inject_spike_at_steps
-            loss = loss * loss_factor
+        if fault is not None:
+            loss = fault(loss)  # testing aids: faults.inject_*
         engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
-        if micro == plan.num_micro_batches - 1 and plan.zero_stage == 0:
-            # DeepSpeed keeps no norm at ZeRO-0: take it before the step clips.
-            norm = ds_engine.grad_norm(model, groups)
-            if not math.isfinite(norm):
-                _skip_update(engine)
-                continue
-        engine.step()  # updates the weights at the last micro-batch only
+        # Updates the weights at the last micro-batch only; a NaN/Inf gradient norm skips
+        # the update at every ZeRO stage (orchestrator.engine, orchestrator.numerics).
+        engine.step()
         total += loss.detach().float()
-    if norm is None:
-        norm = engine.get_global_grad_norm()
+    norm = engine.get_global_grad_norm()
     mean = total / plan.num_micro_batches
     if groups.dp_size > 1:
         dist.all_reduce(mean, group=groups.dp_group)
         mean /= groups.dp_size
     return float(mean), None if norm is None else float(norm)
-
-
-def _skip_update(engine: Any) -> None:
-    """ZeRO-0: end a step whose gradient norm is NaN/Inf without touching the weights.
-
-    ZeRO-1/2 check for overflow themselves; the plain optimiser does not. Here
-    the boundary ``engine.step()`` runs with the optimiser's step switched off
-    for this one call (the gradients are still cleared), and the optimiser
-    reports an overflow, so DeepSpeed counts the step as skipped and holds the
-    lr schedule, as ZeRO-1/2 do.
-    """
-    optimizer = engine.optimizer
-    optimizer.step = lambda *args, **kwargs: None  # shadows the method on this instance
-    optimizer.overflow = True
-    try:
-        engine.step()
-    finally:
-        del optimizer.step
-        optimizer.overflow = False
 
 
 def _evaluate(

@@ -16,6 +16,7 @@ import torch
 from orchestrator.checkpoint import checkpoint_dir
 from orchestrator.metrics import read_metrics
 from tests.launch import kill_run, run_launch, start_launch, worker_pids
+from tests.test_bad_steps import weights_and_optimiser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -69,59 +70,6 @@ NAN_RUN = [
 ]
 
 
-def _tensors(obj: object, prefix: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = (
-        obj.items()
-        if isinstance(obj, dict)
-        else enumerate(obj)
-        if isinstance(obj, (list, tuple))
-        else []
-    )
-    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
-
-
-def _weights_and_optimiser(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The module weights and every tensor of the optimiser (ZeRO partitions at stages 1-3)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(checkpoint.glob("*model_states.pt")):  # ZeRO-3 names them zero_pp_rank_*
-        state = torch.load(f, map_location="cpu", weights_only=True)
-        out.update(_tensors({"module": state["module"], "optimizer": state["optimizer"]}, f.name))
-    for f in sorted(checkpoint.glob("*optim_states.pt")):
-        # DeepSpeed's own files hold non-tensor objects too: read them in the test only.
-        out.update(_tensors(torch.load(f, map_location="cpu", weights_only=False), f.name))
-    return out
-
-
-@pytest.mark.parametrize("zero_stage", [1, 0, 3])
-def test_injected_nan_step_is_skipped_and_logged(tmp_path: Path, zero_stage: int) -> None:
-    poisoned, clean = tmp_path / "poisoned", tmp_path / "clean"
-    zero = f"parallel.zero_stage={zero_stage}"
-    proc = run_launch(
-        *NAN_RUN,
-        zero,
-        f"run.dir={poisoned}",
-        "faults.inject_nan_at_steps=[3]",
-        "train.exit_at_step=3",
-    )
-    assert "step 3/8 | skipped: loss nan" in proc.stdout
-    record = read_metrics(poisoned / "metrics.jsonl")[-1]
-    assert record["step"] == 3 and math.isnan(record["loss"]) and record["skipped_steps"] == 1
-    run_launch(*NAN_RUN, zero, f"run.dir={clean}", "train.exit_at_step=2")
-    # no update: weights and optimiser after the skipped step 3 are those after step 2, bit for bit
-    after_skip = _weights_and_optimiser(checkpoint_dir(poisoned) / "step_00000003")
-    before = _weights_and_optimiser(checkpoint_dir(clean) / "step_00000002")
-    assert after_skip.keys() == before.keys() and len(before) > 4
-    for name in before:
-        assert torch.equal(after_skip[name], before[name]), name
-    # and the lr schedule held still: step 4 has the lr step 3 would have had
-    resumed = run_launch(*NAN_RUN, zero, f"run.dir={poisoned}", "train.exit_at_step=4")
-    assert "resumed from step_00000003" in resumed.stdout
-    lrs = {m["step"]: m["lr"] for m in read_metrics(poisoned / "metrics.jsonl")}
-    assert lrs[4] == lrs[3]
-
-
 def test_consecutive_skips_roll_back_to_the_last_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "rollback"
     proc = run_launch(
@@ -141,7 +89,7 @@ def test_consecutive_skips_roll_back_to_the_last_checkpoint(tmp_path: Path) -> N
 
 
 def test_numerics_guard_policy() -> None:
-    from orchestrator.faults import NumericsGuard
+    from orchestrator.numerics import NumericsGuard
 
     guard = NumericsGuard(max_consecutive_skips=2, spike_factor=2.0, spike_window=3)
     assert guard.observe(4.0, skipped=False).rollback == ""
@@ -198,8 +146,8 @@ def test_loss_spike_rolls_back_the_weights_and_moves_the_data_on(tmp_path: Path)
     assert metrics[-1]["consumed_tokens"] == reference[-1]["consumed_tokens"] == 9 * 8 * 128
     for mine, theirs in zip(metrics[5:], reference[5:], strict=True):
         assert mine["loss"] == theirs["loss"], (mine, theirs)  # the same batches after the bad one
-    got = _weights_and_optimiser(checkpoint_dir(rolled) / "step_00000008")
-    want = _weights_and_optimiser(checkpoint_dir(skipped) / "step_00000009")
+    got = weights_and_optimiser(checkpoint_dir(rolled) / "step_00000008")
+    want = weights_and_optimiser(checkpoint_dir(skipped) / "step_00000009")
     assert got.keys() == want.keys() and len(want) > 4
     for name in want:
         assert torch.equal(got[name], want[name]), name
