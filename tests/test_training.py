@@ -2,7 +2,10 @@
 
 The project's spine: with the same seed, data and fp32, the per-step losses
 and gradient norms of 10 steps of the tiny model do not depend on the layout.
-Each layout is compared with the tp1pp1dp1 reference within 1e-4 relative.
+Each layout is compared within 1e-4 relative with the tp1pp1dp1 reference run
+in this session and with the committed golden curve (``tests/golden.py``), so
+a change that moves every layout alike fails as well. Gradient clipping
+(1.0) engages from step 3, so each layout's global norm steers its updates.
 """
 
 from __future__ import annotations
@@ -18,31 +21,28 @@ import pytest
 
 from orchestrator.metrics import read_metrics
 from orchestrator.schedule import lr_at
+from tests import golden
 from tests.launch import kill_run, run_launch, start_launch, wait_for_steps, worker_pids
 
-STEPS = 10
 RTOL = 1e-4
-# 16 samples repeating, a short warmup and a high peak: the loss falls from 7.6
-# to about 6.4 in 10 steps, so a wrong gradient anywhere shows in the curve.
-LR, WARMUP = 3e-3, 2
-LEARNABLE = ["data.num_samples=16", f"train.warmup_steps={WARMUP}", f"train.lr={LR}"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _overrides(run_dir: Path, *overrides: str) -> list[str]:
+def _overrides(run_dir: Path, *extra: str) -> list[str]:
+    """The tiny model on synthetic data, without the golden curve's learning settings."""
     return [
         "model=tiny",
         "data=synthetic",
         f"run.dir={run_dir}",
-        f"train.steps={STEPS}",
+        f"train.steps={golden.STEPS}",
         "train.log_interval=1",
-        *overrides,
+        *extra,
     ]
 
 
-def train(run_dir: Path, *overrides: str) -> list[dict[str, float]]:
-    run_launch(*_overrides(run_dir, *LEARNABLE, *overrides))
+def train(run_dir: Path, *extra: str) -> list[dict[str, float]]:
+    run_launch(*golden.overrides(run_dir, *extra))
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -52,19 +52,34 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]
 
 
 def _max_rel(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> float:
+    assert [x["step"] for x in a] == [y["step"] for y in b]
     return max(abs(x[key] - y[key]) / abs(y[key]) for x, y in zip(a, b, strict=True))
 
 
+def test_reference_is_the_golden_curve(reference: list[dict[str, float]]) -> None:
+    curve = golden.read()
+    assert _max_rel(reference, curve, "loss") <= RTOL, "regenerate: python -m tests.golden"
+    assert _max_rel(reference, curve, "grad_norm") <= RTOL
+    assert _max_rel(reference, curve, "lr") <= 1e-9
+    norms = [m["grad_norm"] for m in reference]
+    assert min(norms) < 1.0 < max(norms)  # clipping (train.grad_clip=1.0) engages on some steps
+
+
+MB2 = "parallel.micro_batch_size=2"
 LAYOUTS = {
     "tp2": ["parallel=tp2pp1"],
     "pp2": ["parallel=tp1pp2"],  # 8 micro-batches per step through 2 stages
     "dp2_zero0": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=0"],
     "dp2_zero1": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=1"],
-    "dp2_zero2": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=2"],
     "dp2_zero3": ["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=3"],
-    "tp2pp2": ["parallel=tp2pp2"],
+    # micro-batches of 2 samples, 2 of them per rank and step, ZeRO-2 under tp
+    "tp2dp2_zero2_mb2": ["parallel=tp2pp1", "parallel.dp=2", "parallel.zero_stage=2", MB2],
+    # sequence parallelism between pipeline stages: DeepSpeed must not partition
+    # the (already sequence-split) activations it sends (engine.py's pipe_partitioned)
+    "tp2pp2_sp": ["parallel=tp2pp2", "parallel.sequence_parallel=true"],
     "tp2_sp": ["parallel=tp2pp1", "parallel.sequence_parallel=true"],
     "tp2pp2dp2": ["parallel=tp2pp2", "parallel.dp=2"],  # 8 processes
+    "pp4_mb2": ["parallel=tp1pp2", "parallel.pp=4", MB2],  # a layer per stage, 4 micro-batches
     "tp1_ckpt": ["parallel=tp1pp1", "parallel.activation_checkpointing=full"],
     "pp2_ckpt": ["parallel=tp1pp2", "parallel.activation_checkpointing=full"],
 }
@@ -73,12 +88,14 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_invariance(layout: str, reference: list[dict[str, float]], tmp_path: Path) -> None:
     got = train(tmp_path / layout, *LAYOUTS[layout])
-    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
-    loss_diff = _max_rel(got, reference, "loss")
-    norm_diff = _max_rel(got, reference, "grad_norm")
-    print(f"{layout}: max relative difference loss {loss_diff:.2e}, grad_norm {norm_diff:.2e}")
-    assert loss_diff <= RTOL, [(m["loss"], r["loss"]) for m, r in zip(got, reference, strict=True)]
-    assert norm_diff <= RTOL
+    assert [m["step"] for m in got] == list(range(1, golden.STEPS + 1))
+    for name, curve in (("reference", reference), ("golden", golden.read())):
+        loss_diff = _max_rel(got, curve, "loss")
+        norm_diff = _max_rel(got, curve, "grad_norm")
+        print(f"{layout} vs {name}: max relative difference loss {loss_diff:.2e}, ", end="")
+        print(f"grad_norm {norm_diff:.2e}")
+        assert loss_diff <= RTOL, [(m["loss"], r["loss"]) for m, r in zip(got, curve, strict=True)]
+        assert norm_diff <= RTOL
 
 
 def test_gqa_layout_invariance(tmp_path: Path) -> None:
@@ -125,10 +142,14 @@ def test_bf16_tracks_fp32(
 def test_logged_lr_follows_the_schedule(reference: list[dict[str, float]]) -> None:
     for m in reference:
         expected = lr_at(
-            int(m["step"]) - 1, peak=LR, warmup_steps=WARMUP, total_steps=STEPS, min_ratio=0.1
+            int(m["step"]) - 1,
+            peak=golden.LR,
+            warmup_steps=golden.WARMUP,
+            total_steps=golden.STEPS,
+            min_ratio=0.1,
         )
         assert m["lr"] == pytest.approx(expected, rel=1e-9)
-    assert reference[-1]["consumed_tokens"] == STEPS * 8 * 128
+    assert reference[-1]["consumed_tokens"] == golden.STEPS * 8 * 128
     assert reference[-1]["loss"] < 0.9 * reference[0]["loss"]  # the curve really moves
 
 
