@@ -23,10 +23,15 @@ part's numbers to ``OUT/<part>.json``.
 4. ``compiled_trainer``: the trainer again with ``model.compile=true`` (compiled
    blocks under DeepSpeed), on a 4-layer cut of the 1B shape to keep its
    checkpoint small; peak memory against the plan printed too.
-5. ``profile``: where a step's device time goes, kernel by kernel, for ours
+5. ``fp16_skips``: the tiny model in fp16 (DeepSpeed's dynamic loss scaler)
+   with six finite-loss Inf gradients in a row, then a NaN loss: the scaler's
+   skips are counted apart (``scaler_skips``) and never roll the run back
+   (``faults.max_consecutive_skips`` is 5); the NaN loss is one bad step.
+   fp16 is refused on a CPU, so the smoke run skips it.
+6. ``profile``: where a step's device time goes, kernel by kernel, for ours
    and transformers eager and ours compiled (``train_throughput.py --profile``):
    what the next round of GPU tuning starts from. Last, so the budget cuts it first.
-6. ``summary``: the issue's targets (memory within 10%, MFU >= 50%, >= 1.3x
+7. ``summary``: the issue's targets (memory within 10%, MFU >= 50%, >= 1.3x
    transformers' tokens/s) against what the parts measured.
 
 ``--cpu-smoke`` runs the same parts with the tiny model on this CPU (cluster
@@ -56,7 +61,15 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PARTS = ("env", "memory", "throughput_eager", "throughput_compile", "compiled_trainer", "profile")
+PARTS = (
+    "env",
+    "memory",
+    "throughput_eager",
+    "throughput_compile",
+    "compiled_trainer",
+    "fp16_skips",
+    "profile",
+)
 # Seconds each part may take on an H100 (the budget may cut the later ones short).
 TIMEOUT_S = {
     "env": 90,
@@ -64,6 +77,7 @@ TIMEOUT_S = {
     "throughput_eager": 150,
     "throughput_compile": 240,
     "compiled_trainer": 150,
+    "fp16_skips": 90,
     "profile": 150,
 }
 MIN_PART_S = 30  # a part is skipped when less than this is left of the budget
@@ -341,6 +355,65 @@ def _trainer_run(opts: argparse.Namespace, *, name: str, extra: list[str]) -> di
     return _memory_report(cfg, est, records, cpu=opts.cpu_smoke)
 
 
+FP16_SCALER_SKIPS, FP16_NAN_STEP, FP16_STEPS = 6, 9, 10
+
+
+def fp16_overrides(cluster: str, run_dir: Path) -> list[str]:
+    """The fp16 part's run: Inf gradients (finite losses) at batches 2-7, a NaN loss at 9."""
+    inf_steps = ",".join(str(n) for n in range(2, 2 + FP16_SCALER_SKIPS))
+    return [
+        "model=tiny",
+        "parallel=tp1pp1",
+        "parallel.zero_stage=1",
+        "train.precision=fp16",
+        f"train.steps={FP16_STEPS}",
+        f"cluster={cluster}",
+        *COMMON_TRAIN,
+        f"faults.inject_inf_grad_at_steps=[{inf_steps}]",
+        f"faults.inject_nan_at_steps=[{FP16_NAN_STEP}]",
+        f"run.dir={run_dir}",
+    ]
+
+
+def part_fp16_skips(opts: argparse.Namespace) -> dict[str, Any]:
+    """fp16's loss-scaler skips are not bad steps; a NaN loss is (orchestrator.numerics)."""
+    from orchestrator.metrics import read_metrics
+
+    if opts.cpu_smoke:
+        print("fp16_skips: fp16 needs a GPU (train.precision=fp16 is refused on a CPU)")
+        return {"skipped": "fp16 needs a GPU"}
+    run_dir = _scratch_dir() / f"gpu_check_fp16_{os.getpid()}"
+    overrides = fp16_overrides(opts.cluster, run_dir)
+    cmd = [sys.executable, "launch/run.py", *overrides]
+    print("$ " + " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        records = read_metrics(run_dir / "metrics.jsonl") if run_dir.exists() else []
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(proc.stdout[-3000:] + proc.stderr[-3000:])
+    last = records[-1] if records else {}
+    out = {
+        "exit_code": proc.returncode,
+        "steps": [int(m["step"]) for m in records],
+        "scaler_skips": last.get("scaler_skips"),
+        "skipped_steps": last.get("skipped_steps"),
+        "loss_scale": last.get("loss_scale"),
+        "rolled_back": "rolled back" in proc.stdout + proc.stderr,
+    }
+    out["ok"] = (
+        proc.returncode == 0
+        and out["steps"] == list(range(1, FP16_STEPS + 1))
+        and (out["scaler_skips"] or 0) >= FP16_SCALER_SKIPS  # the scale may settle once more
+        and out["skipped_steps"] == 1
+        and not out["rolled_back"]
+    )
+    print(f"fp16_skips: {out}")
+    if not out["ok"]:
+        raise SystemExit(f"fp16_skips: not as expected: {out}")
+    return out
+
+
 def _scratch_dir() -> Path:
     """RAM-backed /dev/shm when it can take the 1B checkpoint (~18 GB), else /tmp."""
     shm = Path("/dev/shm")
@@ -441,6 +514,7 @@ PART_FUNCTIONS = {
     "throughput_eager": part_throughput_eager,
     "throughput_compile": part_throughput_compile,
     "compiled_trainer": part_compiled_trainer,
+    "fp16_skips": part_fp16_skips,
     "profile": part_profile,
 }
 
