@@ -40,7 +40,9 @@ def machine() -> str:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    bf16 = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+    bf16 = (
+        "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+    )
     return f"{model}, {os.cpu_count()} vCPUs, native bf16: {bf16}, {platform.python_version()}"
 
 
