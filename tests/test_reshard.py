@@ -53,14 +53,19 @@ def _state(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 def _assert_close_to_scale(
     got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float
 ) -> None:
-    """Every tensor within ``rel`` of its own largest magnitude (and the keys the same)."""
+    """Every tensor within ``rel`` of its own largest magnitude (and the keys the same).
+
+    Adam's second moment is quadratic in the gradient, so a gradient off by a
+    relative ``e`` moves it by about ``2e``: it gets twice the tolerance.
+    """
     assert want.keys() == got.keys()
     assert {k.rsplit("/", 1)[1] for k in want} == {"fp32", "exp_avg", "exp_avg_sq"}
     for name in want:
         scale = float(want[name].abs().max())
         assert scale > 0, name
         err = float((got[name] - want[name]).abs().max())
-        assert err <= rel * scale, f"{name}: max error {err:.3e} > {rel} x scale {scale:.3e}"
+        tol = 2 * rel if name.endswith("/exp_avg_sq") else rel
+        assert err <= tol * scale, f"{name}: max error {err:.3e} > {tol} x scale {scale:.3e}"
 
 
 def test_three_layouts_continue_the_same_run(tmp_path: Path) -> None:
@@ -99,7 +104,9 @@ def test_bf16_pipeline_moves_to_tensor_parallel(tmp_path: Path) -> None:
     assert [m["consumed_tokens"] for m in b] == [m["consumed_tokens"] for m in a]
     for x, y in zip(a[:6], b[:6], strict=True):
         assert x["loss"] == y["loss"], x["step"]
-    # bf16 weights: another tp sums in another order, and bf16 rounds differently
+    # bf16 weights: another tp sums in another order, and bf16 rounds differently (with
+    # AMX on Intel CPUs unlike AVX-512 on AMD ones: seen 5.2% of the scale on exp_avg_sq
+    # on an AMX VM, 5% failed it; the moments of a wrong move are off by their whole scale)
     for x, y in zip(a[6:], b[6:], strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-3), (x, y)
     _assert_close_to_scale(_state(moved, "step_00000010"), _state(straight, "step_00000010"), 0.05)
