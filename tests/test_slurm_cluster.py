@@ -81,35 +81,6 @@ def test_sbatch_exit_codes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     assert (failed.state, failed.exit_code) == ("FAILED", 3)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_signal_before_time_limit(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
-    """``USR1@60`` reaches the job steps, ``B:USR1@60`` the batch shell, ~50-57 s in."""
-    trap = "trap 'echo USR1 $SECONDS > {out}; exit 0' USR1; while true; do sleep 1; done\n"
-    (tmp_path / "task.sh").write_text(trap.format(out=tmp_path / "step.sig"))
-    step = write_script(
-        tmp_path / "step.sh",
-        f"srun -n1 bash {tmp_path / 'task.sh'}",
-        "--time=2",
-        "--signal=USR1@60",
-        f"--output={tmp_path / 'step.out'}",
-    )
-    shell = write_script(
-        tmp_path / "shell.sh",
-        trap.format(out=tmp_path / "shell.sig"),
-        "--time=2",
-        "--signal=B:USR1@60",
-        f"--output={tmp_path / 'shell.out'}",
-    )
-    jobs = [slurm_cluster.submit(step), slurm_cluster.submit(shell)]
-    for job_id in jobs:
-        result = slurm_cluster.wait_job(job_id, timeout_s=150)
-        assert (result.state, result.exit_code) == ("COMPLETED", 0), result.info
-    for name in ("step", "shell"):
-        word, seconds = (tmp_path / f"{name}.sig").read_text().split()
-        assert word == "USR1" and 45 <= int(seconds) <= 70, (name, seconds)
-
-
 @pytest.mark.timeout(120)
 def test_requeue_runs_the_job_again(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
     runs = tmp_path / "runs"

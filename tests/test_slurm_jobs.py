@@ -240,18 +240,18 @@ def test_time_limit_signal_checkpoints_and_requeues(
     slurm_cluster: SlurmCluster,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """The rendered ``--signal=USR1@60`` with a 2-minute limit: checkpoint, exit 75, requeue, resume.
-
-    SLURM checks limits about every 30 s here, so the signal lands 50-60 s in.
+    """The rendered ``--signal=USR1@30`` with a 1-minute limit (SLURM's least): checkpoint,
+    exit 75, requeue, resume. SLURM checks limits about every 30 s, so the signal lands
+    up to 30 s after the grace begins; by then training has run for seconds.
     """
     run_dir = tmp_path / "run"
     script = _render(
         run_dir,
         "train.steps=100000",
-        "cluster.time_limit=00:02:00",
-        "slurm.signal_grace_s=60",
+        "cluster.time_limit=00:01:00",
+        "slurm.signal_grace_s=30",
     )
-    assert "#SBATCH --signal=USR1@60" in script.read_text()
+    assert "#SBATCH --signal=USR1@30" in script.read_text()
     job = slurm_cluster.submit(script, cwd=REPO)
     log = run_dir / "logs" / "rank_0.log"
     deadline = time.monotonic() + 240
