@@ -160,8 +160,12 @@ def test_blend_hits_the_llama_weights_at_every_prefix(tmp_path: Path) -> None:
     ]
     n = 5000
     index = RunIndex(ensure_index(_spec(sources, num_train_samples=n), tmp_path / "cache"))
-    dataset = np.asarray(index.load("train_blend_dataset"))
-    sample = np.asarray(index.load("train_blend_sample"))
+    blend = index.split("train").blend
+    assert blend is not None and blend.q == 200  # one period stored, not n samples
+    dataset, sample = blend.arrays(n)
+    pairs = list(zip(dataset.tolist(), sample.tolist(), strict=True))
+    assert [blend.locate(k) for k in range(n)] == pairs
+    assert blend.counts(n).tolist() == np.bincount(dataset).tolist()
     weights = np.asarray(LLAMA_WEIGHTS) / sum(LLAMA_WEIGHTS)
     assert _prefix_deviation(dataset, weights) < 1.0
     assert np.bincount(dataset[:1000]).tolist() == [670, 150, 45, 45, 45, 25, 20]
@@ -239,11 +243,11 @@ def test_samples_pack_documents_across_boundaries(tmp_path: Path) -> None:
     index = RunIndex(ensure_index(_spec(sources, num_train_samples=1500), tmp_path / "cache"))
     samples = index.split("train")
     streams = [_reference_stream(index, "train", i, s) for i, s in enumerate(sources)]
-    dataset, sample = index.load("train_blend_dataset"), index.load("train_blend_sample")
+    assert samples.blend is not None
     seq = 16
     for k in range(samples.num_samples):
-        d = int(dataset[k])
-        j = samples.orders[d][int(sample[k])]
+        d, s = samples.blend.locate(k)
+        j = samples.orders[d][s]
         assert np.array_equal(samples[k], streams[d][j * seq : j * seq + seq + 1]), k
     # every epoch is a permutation of the source's training documents
     for i, source in enumerate(sources):

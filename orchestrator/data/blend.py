@@ -7,7 +7,7 @@ and its credit drops by ``Q``. After any ``n`` samples each source has had
 ``n * W_d / Q`` samples to within one (``|count_d - w_d n| <= 1``), and after
 ``Q`` samples every credit is zero again, so the blend is one period of
 ``Q`` samples repeated: built with a loop over one period and tiled, in
-O(n) vectorised work for the whole run.
+nothing stored per sample (``Blend``: a lookup is O(1)).
 
 Megatron's ``build_blending_indices`` aims at ``w_d * max(i, 1)`` before
 sample ``i``, one sample behind this rule's ``w_d * (i + 1)``; on the LLaMA
@@ -73,31 +73,62 @@ def blend_period(weights: Sequence[int]) -> np.ndarray:
     return period
 
 
-def build_blend(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(source of each of ``size`` samples, int16; its sample number in that source).
+class Blend:
+    """The whole run's blend as one period: nothing per sample is stored.
 
-    Sample numbers are int32 below 2^31 samples (717M at LLaMA-65B: 2.9 GB
-    less to write and map than int64), else int64.
+    Sample ``k`` comes from source ``d = period[k % Q]`` and is that source's
+    sample ``(k // Q) * per_period[d] + rank[k % Q]``: O(1) per lookup from
+    two arrays of ``Q`` entries (``Q = 200`` for the LLaMA weights; at most
+    ``MAX_PERIOD``), where materialising 717M samples' sources and numbers
+    would write 4.3 GB.
     """
-    integers = integer_weights(weights)
-    period = blend_period(integers)
-    q = len(period)
-    # the k-th sample of source d within a period is its rank among d's samples there
-    rank = np.empty(q, dtype=np.int64)
-    for source in range(len(integers)):
-        where = np.flatnonzero(period == source)
-        rank[where] = np.arange(len(where))
-    per_period = np.asarray(integers, dtype=np.int64)
-    dataset = np.empty(size, dtype=np.int16)
-    sample = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
-    chunk = max(q, _CHUNK // q * q)  # whole periods per chunk
-    reps = chunk // q
-    tiled_d, tiled_rank = np.tile(period, reps), np.tile(rank, reps)
-    cycle = np.repeat(np.arange(reps, dtype=np.int64), q)  # the period each position is in
-    for start in range(0, size, chunk):
-        n = min(chunk, size - start)
-        which = tiled_d[:n]
-        dataset[start : start + n] = which
-        first_period = start // q
-        sample[start : start + n] = (cycle[:n] + first_period) * per_period[which] + tiled_rank[:n]
-    return dataset, sample
+
+    def __init__(self, period: np.ndarray, rank: np.ndarray) -> None:
+        self.period = period  # int16: the source of each sample of one period
+        self.rank = rank  # int32: its number among that source's samples in the period
+        self.q = len(period)
+        self.per_period = np.bincount(period, minlength=int(period.max()) + 1).astype(np.int64)
+
+    @classmethod
+    def of(cls, weights: Sequence[float]) -> Blend:
+        period = blend_period(integer_weights(weights))
+        rank = np.empty(len(period), dtype=np.int32)
+        for source in range(int(period.max()) + 1):
+            where = np.flatnonzero(period == source)
+            rank[where] = np.arange(len(where))
+        return cls(period, rank)
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(source, sample number in that source) of blend sample ``k``."""
+        cycle, r = divmod(k, self.q)
+        d = int(self.period[r])
+        return d, cycle * int(self.per_period[d]) + int(self.rank[r])
+
+    def counts(self, size: int) -> np.ndarray:
+        """How many of the first ``size`` samples each source gives (int64)."""
+        cycles, rest = divmod(size, self.q)
+        tail = np.bincount(self.period[:rest], minlength=len(self.per_period))
+        return cycles * self.per_period + tail
+
+    def arrays(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each of the first ``size`` samples, int16; its sample number, int64)."""
+        dataset = np.empty(size, dtype=np.int16)
+        sample = np.empty(size, dtype=np.int64)
+        q = self.q
+        chunk = max(q, _CHUNK // q * q)  # whole periods per chunk
+        reps = chunk // q
+        tiled_d, tiled_rank = np.tile(self.period, reps), np.tile(self.rank, reps)
+        cycle = np.repeat(np.arange(reps, dtype=np.int64), q)  # the period each position is in
+        for start in range(0, size, chunk):
+            n = min(chunk, size - start)
+            which = tiled_d[:n]
+            dataset[start : start + n] = which
+            first = start // q
+            sample[start : start + n] = (cycle[:n] + first) * self.per_period[which]
+            sample[start : start + n] += tiled_rank[:n]
+        return dataset, sample
+
+
+def build_blend(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``Blend.of(weights).arrays(size)``: every sample's source and number, spelled out."""
+    return Blend.of(weights).arrays(size)

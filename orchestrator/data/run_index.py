@@ -48,13 +48,13 @@ from typing import Any
 import numpy as np
 
 from orchestrator.data import megatron_helpers
-from orchestrator.data.blend import build_blend
+from orchestrator.data.blend import Blend
 from orchestrator.data.indexed import IndexedDataset, shard_paths
 from orchestrator.data.packing import SampleOrder
 
 log = logging.getLogger("orchestrator.data.run_index")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the blend is stored as one period
 SPLITS = ("train", "valid")
 _KIND_EPOCH, _KIND_SPLIT = 0, 2
 
@@ -168,11 +168,10 @@ def _build(spec: IndexSpec, folder: Path) -> None:
         if not members:
             continue
         weights = np.asarray([spec.sources[i].weight for i in members], dtype=np.float64)
-        dataset, sample = build_blend(list(weights), want)
-        save(f"{split}_blend_dataset", dataset)
-        save(f"{split}_blend_sample", sample)
-        counts = np.bincount(dataset, minlength=len(members))
-        del dataset, sample
+        blend = Blend.of(list(weights))
+        save(f"{split}_blend_period", blend.period)
+        save(f"{split}_blend_rank", blend.rank)
+        counts = blend.counts(want)
         for slot, i in enumerate(members):
             source = spec.sources[i]
             tag = f"{split}_{slot}"
@@ -326,8 +325,11 @@ class BlendedSamples:
         info = index.manifest["splits"][split]
         self.num_samples = int(info["num_samples"])
         self.seq_len = int(index.spec["seq_len"])
-        self.dataset = index.load(f"{split}_blend_dataset") if self.num_samples else None
-        self.sample = index.load(f"{split}_blend_sample") if self.num_samples else None
+        self.blend = (
+            Blend(index.load(f"{split}_blend_period"), index.load(f"{split}_blend_rank"))
+            if self.num_samples
+            else None
+        )
         seed = split_seed(int(index.spec["seed"]), split)
         self.docs, self.samples, self.orders, self.readers = [], [], [], []
         for slot, i in enumerate(info["sources"]):
@@ -340,9 +342,9 @@ class BlendedSamples:
             self.readers.append(_SourceReader(shards, index.load(f"shard_starts_{i}")))
 
     def __getitem__(self, k: int) -> np.ndarray:
-        assert self.dataset is not None and self.sample is not None
-        d = int(self.dataset[k])
-        j = self.orders[d][int(self.sample[k])]
+        assert self.blend is not None
+        d, s = self.blend.locate(k)
+        j = self.orders[d][s]
         (p0, o0), (p1, o1) = self.samples[d][j], self.samples[d][j + 1]
         p0, o0, p1, o1 = int(p0), int(o0), int(p1), int(o1)
         docs, reader = self.docs[d], self.readers[d]
