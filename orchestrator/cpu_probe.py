@@ -135,13 +135,18 @@ def _cpuinfo() -> str:
         return ""
 
 
+def _flags(cpuinfo: str | None = None) -> set[str]:
+    """The first ``flags`` line of /proc/cpuinfo (or of ``cpuinfo``), as a set."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return set(lines[0].split()) if lines else set()
+
+
 def native_bf16(cpuinfo: str | None = None) -> bool | None:
     """Whether the CPU multiplies bf16 natively (AMX or AVX512-BF16); None: unknown."""
-    text = _cpuinfo() if cpuinfo is None else cpuinfo
-    flags = [line for line in text.splitlines() if line.startswith("flags")]
-    if not flags:
+    words = _flags(cpuinfo)
+    if not words:
         return None
-    words = set(flags[0].split())
     return any(flag in words for flag in NATIVE_BF16_FLAGS)
 
 
@@ -398,8 +403,14 @@ def bf16_warning(peaks: dict[str, float], *, cpuinfo: str | None = None) -> str 
     fp32, bf16 = peaks["fp32"], peaks["bf16"]
     if bf16 >= fp32:
         return None
-    flags = " or ".join(NATIVE_BF16_FLAGS)
-    what = "emulated" if native_bf16(cpuinfo) is False else f"slow (it has {flags})"
+    if native_bf16(cpuinfo) is False:
+        what = "emulated"
+    else:  # the CPU says it has them, yet torch did not use them (or cpuinfo is unreadable)
+        present = [f for f in NATIVE_BF16_FLAGS if f in _flags(cpuinfo)] or ["no flags read"]
+        what = (
+            f"slow though the CPU reports {', '.join(present)} (torch's kernels may be held "
+            "back: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)"
+        )
     return (
         f"warning: bf16 on this CPU is {what}: bf16 matmuls measured {bf16:.2g} TFLOP/s, "
         f"{fp32 / bf16:.3g}x slower than fp32 ({fp32:.2g}); use train.precision=fp32"

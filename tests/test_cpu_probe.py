@@ -134,6 +134,10 @@ def test_bf16_warning_names_the_measured_ratio() -> None:
         "warning: bf16 on this CPU is emulated: bf16 matmuls measured 0.0012 TFLOP/s, "
         "117x slower than fp32 (0.14); use train.precision=fp32"
     )
+    # flags present, kernels held back (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
+    held_back = cpu_probe.bf16_warning(FAKE_RATES, cpuinfo=AMX_CPUINFO)
+    assert held_back is not None
+    assert held_back.startswith("warning: bf16 on this CPU is slow though the CPU reports amx_bf16")
     fast = {"fp32": 0.35, "bf16": 2.0}
     assert cpu_probe.bf16_warning(fast, cpuinfo=AMX_CPUINFO) is None
     assert cpu_probe.bf16_warning(fast, cpuinfo=NO_BF16_CPUINFO) is None  # measured: not slow
