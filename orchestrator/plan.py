@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from model_parallel.args import ModelArgs, padded_vocab_size
+from model_parallel.layout import Layout
 from orchestrator import perf
 from orchestrator.config import ACTIVATION_CHECKPOINTING, ClusterConfig, Config, ParallelConfig
 
@@ -167,7 +168,8 @@ def _check_fault_rank(cfg: Config, world_size: int, dp: int) -> None:
     if rank is None:
         return
     par = cfg.parallel
-    first = (par.pp - 1) * par.tp * dp  # the last pipeline stage's ranks: first..world-1
+    # the last pipeline stage's ranks are first..world-1
+    first = Layout(tp=par.tp, pp=par.pp, dp=dp).rank(tp_rank=0, dp_rank=0, pp_rank=par.pp - 1)
     if not first <= rank < world_size:
         where = "the last pipeline stage, where the loss is computed" if par.pp > 1 else "the job"
         raise ValueError(

@@ -46,8 +46,20 @@ SCRIPT_NAME = "job.sh"  # the rendered script in a run directory
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _UNSAFE_IN_HEADER = re.compile(r"[\x00-\x1f\x7f\\]")
 
-# The checked-in scripts: name -> config overrides (the data paths are relative
-# to the repository root; pass data.root=... data.tokenizer=... to sbatch instead).
+# The data of the checked-in scripts, relative to the repository root (pass
+# data.root=... data.tokenizer=... to sbatch instead): the LLaMA mixture, tokenized
+# with Meta's SentencePiece model, or for Llama 3 with its Hugging Face tokenizer.json.
+_LLAMA_DATA = (
+    "data=llama_mixture",
+    "data.root=data/redpajama",
+    "data.tokenizer=data/llama/tokenizer.model",
+)
+_LLAMA3_DATA = (
+    "data=llama_mixture",
+    "data.root=data/redpajama_llama3",
+    "data.tokenizer=data/llama3/tokenizer.json",
+)
+# The checked-in scripts: name -> config overrides.
 CHECKED_IN: dict[str, tuple[str, ...]] = {
     # 7B: tp2, ZeRO-2 over dp 64: 128 GPUs, 16 nodes.
     "llama7b": (
@@ -57,6 +69,7 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
         "parallel.dp=64",
         "parallel.zero_stage=2",
         "parallel.activation_checkpointing=full",
+        *_LLAMA_DATA,
     ),
     # 13B: tp4 x pp2, dp 32: 256 GPUs, 32 nodes.
     "llama13b": (
@@ -65,6 +78,7 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
         "parallel=tp4pp2",
         "parallel.dp=32",
         "parallel.activation_checkpointing=full",
+        *_LLAMA_DATA,
     ),
     # 33B (52 heads: tp <= 4): tp4 x pp2, dp 128: 1024 GPUs, 128 nodes.
     "llama33b": (
@@ -73,9 +87,16 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
         "parallel=tp4pp2",
         "parallel.dp=128",
         "parallel.activation_checkpointing=full",
+        *_LLAMA_DATA,
     ),
     # 65B at the paper's scale: tp8 x pp4, dp 64: 2048 GPUs, 256 nodes.
-    "llama65b": ("model=65b", "cluster=a100_80g", "parallel=tp8pp4", "parallel.dp=64"),
+    "llama65b": (
+        "model=65b",
+        "cluster=a100_80g",
+        "parallel=tp8pp4",
+        "parallel.dp=64",
+        *_LLAMA_DATA,
+    ),
     # Llama-2-70B on A100-80GB (Meta's RSC ran it on A100-80GB): tp8 x pp4 x dp64 =
     # 2048 GPUs, 256 nodes; sequence parallelism keeps 1F1B's in-flight activations at
     # 24 GiB without recomputation (43.5 GiB per GPU planned).
@@ -86,6 +107,7 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
         "parallel.dp=64",
         "parallel.sequence_parallel=true",
         "parallel.activation_checkpointing=none",
+        *_LLAMA_DATA,
     ),
     # Llama-3.1-405B's initial stage (4M tokens: 1024 x 4096) on H100 SXM: Meta's tp8 x
     # pp16 with one layer fewer on the first and last stages (the paper's 3.3.2), dp 16:
@@ -99,24 +121,9 @@ CHECKED_IN: dict[str, tuple[str, ...]] = {
         "parallel.pipeline_split=[7,8,8,8,8,8,8,8,8,8,8,8,8,8,8,7]",
         "parallel.sequence_parallel=true",
         "parallel.activation_checkpointing=full",
+        *_LLAMA3_DATA,
     ),
 }
-# The data paths are relative to the repository root; Llama 3's tokenizer is a
-# Hugging Face tokenizer.json, the others Meta's SentencePiece model.
-CHECKED_IN_DATA = {
-    "llama3_405b": ("data.root=data/redpajama_llama3", "data.tokenizer=data/llama3/tokenizer.json"),
-}
-CHECKED_IN_COMMON = ("data=llama_mixture",)
-CHECKED_IN_DEFAULT_DATA = (
-    "data.root=data/redpajama",
-    "data.tokenizer=data/llama/tokenizer.model",
-)
-
-
-def checked_in_overrides(name: str) -> tuple[str, ...]:
-    """The config overrides a checked-in script starts from."""
-    data = CHECKED_IN_DATA.get(name, CHECKED_IN_DEFAULT_DATA)
-    return (*CHECKED_IN[name], *CHECKED_IN_COMMON, *data)
 
 
 @dataclass(frozen=True)
@@ -403,9 +410,9 @@ def _sbatch(sbatch: str, script: Path, *, cwd: Path) -> str:
 
 def render_checked_in(name: str) -> str:
     """``slurm/<name>.sh``: run from the submit directory, writing its own run directory."""
-    overrides = checked_in_overrides(name)
-    tokenizer = "tokenizer.json" if name in CHECKED_IN_DATA else "tok.model"
+    overrides = CHECKED_IN[name]
     config = _compose(overrides)
+    tokenizer = Path(config.data.tokenizer or "tok.model").name
     config.slurm.job_name = name
     plan = validate_config(config)
     notes = (

@@ -3,7 +3,7 @@
 # on 256 nodes x 8 ranks (8 GPUs per node; cluster a100_80g, a100-80gb), time limit 2-00:00:00 per job
 #
 # Submit from the repository root:  sbatch slurm/llama2_70b.sh [OVERRIDE ...]
-#   e.g. sbatch slurm/llama2_70b.sh data.root=/data/redpajama data.tokenizer=/data/tok.model
+#   e.g. sbatch slurm/llama2_70b.sh data.root=/data/redpajama data.tokenizer=/data/tokenizer.model
 #   (overrides apply when the run directory is new; a requeued job reuses its config).
 # Partition and account: sbatch -p NAME -A ACCOUNT ..., or SBATCH_PARTITION and
 #   SBATCH_ACCOUNT in the environment: both take precedence over the #SBATCH lines.

@@ -33,17 +33,21 @@ LEARNABLE = ["data.num_samples=16", f"train.warmup_steps={WARMUP}", f"train.lr={
 KEYS = ("step", "loss", "grad_norm", "lr")
 
 
-def overrides(run_dir: Path, *extra: str) -> list[str]:
-    """A test run's settings: the golden curve's, then ``extra`` (a layout, a precision)."""
+def base_overrides(run_dir: Path, *extra: str) -> list[str]:
+    """The tiny model on synthetic data for ``STEPS`` steps, each logged; then ``extra``."""
     return [
         "model=tiny",
         "data=synthetic",
         f"run.dir={run_dir}",
         f"train.steps={STEPS}",
         "train.log_interval=1",
-        *LEARNABLE,
         *extra,
     ]
+
+
+def overrides(run_dir: Path, *extra: str) -> list[str]:
+    """A test run's settings: the golden curve's, then ``extra`` (a layout, a precision)."""
+    return base_overrides(run_dir, *LEARNABLE, *extra)
 
 
 def read() -> list[dict[str, float]]:

@@ -24,6 +24,7 @@ from orchestrator.checkpoint import checkpoint_dir
 from orchestrator.metrics import read_metrics
 from orchestrator.numerics import NumericsGuard
 from orchestrator.schedule import lr_at
+from tests.checkpoint_files import weights_and_optimiser
 from tests.launch import run_launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -41,33 +42,6 @@ ENGINES = {
     "bf16_zero2_tp2dp2": (["parallel=tp2pp1", "parallel.dp=2", "parallel.zero_stage=2"], 4),
     "bf16_zero3_dp2": (["parallel=tp1pp1", "parallel.dp=2", "parallel.zero_stage=3"], 2),
 }
-
-
-def _tensors(obj: object, prefix: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = (
-        obj.items()
-        if isinstance(obj, dict)
-        else enumerate(obj)
-        if isinstance(obj, (list, tuple))
-        else []
-    )
-    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
-
-
-def weights_and_optimiser(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the module weights (pipeline layer files too) and the optimiser."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(checkpoint.glob("*model_states.pt")):
-        state = torch.load(f, map_location="cpu", weights_only=False)
-        if "module" in state:  # mp_rank_* / zero_pp_rank_*: the engine's file
-            state = {"module": state["module"], "optimizer": state.get("optimizer")}
-        out.update(_tensors(state, f.name))  # layer_NN-model_states.pt: a stage's weights
-    for f in sorted(checkpoint.glob("*optim_states.pt")):
-        # DeepSpeed's own files hold non-tensor objects too: read them in the test only.
-        out.update(_tensors(torch.load(f, map_location="cpu", weights_only=False), f.name))
-    return out
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))

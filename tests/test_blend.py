@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.data import megatron_helpers, sample_indices
 from orchestrator.data import run_index as run_index_module
-from orchestrator.data.blend import blend_period, build_blend, integer_weights
+from orchestrator.data.blend import Blend, blend_period, integer_weights
 from orchestrator.data.indexed import (
     LEGACY_MAGIC,
     IndexedDataset,
@@ -194,11 +194,11 @@ def test_blend_of_random_weights_stays_within_one_sample(seed: int) -> None:
     integers = integer_weights(list(raw))
     assert np.allclose(np.asarray(integers) / sum(integers), raw / raw.sum())
     n = 3 * sum(integers) + 7  # several periods and a part
-    dataset, sample = build_blend(list(raw), n)
+    dataset, sample = Blend.of(list(raw)).arrays(n)
     assert _prefix_deviation(dataset, raw / raw.sum()) <= 1.0 + 1e-9
     for d in range(len(raw)):
         assert np.array_equal(sample[dataset == d], np.arange((dataset == d).sum()))
-    # chunked tiling agrees with one period computed straight through
+    # the spelled-out blend is one period repeated
     period = blend_period(integers)
     assert np.array_equal(dataset, np.tile(period, 4)[:n])
 

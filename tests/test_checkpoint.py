@@ -18,6 +18,7 @@ from orchestrator.faults import EXIT_REQUEUE
 from orchestrator.integrity import verify
 from orchestrator.metrics import read_metrics
 from orchestrator.weights import read_checkpoint
+from tests.checkpoint_files import checkpoint_tensors
 from tests.distributed import run_ranks
 from tests.launch import run_launch, start_launch, wait_for_steps
 
@@ -36,28 +37,6 @@ COMMON = [
 
 def _run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     return run_launch(*COMMON, f"run.dir={run_dir}", *overrides)
-
-
-def _tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor inside a (nested) checkpoint object, by path."""
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_tensors(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_tensors(v, f"{prefix}/{i}"))
-    return out
-
-
-def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.pt")):
-        # DeepSpeed's own files hold non-tensor objects too: read them in the test only.
-        tensors.update(_tensors(torch.load(f, map_location="cpu", weights_only=False), f.name))
-    return tensors
 
 
 def _client_state(path: Path) -> list[tuple[int, int, dict[str, int]]]:
@@ -100,8 +79,8 @@ def test_resume_is_bitwise_exact(layout: list[str], tmp_path: Path) -> None:
             y["consumed_tokens"],
         ), x["step"]
     # the same final weights, optimiser state and data position, bit for bit
-    final_a = _checkpoint_tensors(checkpoint_dir(straight) / "step_00000020")
-    final_b = _checkpoint_tensors(checkpoint_dir(resumed) / "step_00000020")
+    final_a = checkpoint_tensors(checkpoint_dir(straight) / "step_00000020")
+    final_b = checkpoint_tensors(checkpoint_dir(resumed) / "step_00000020")
     assert final_a.keys() == final_b.keys() and len(final_a) > 10
     for name in final_a:
         assert torch.equal(final_a[name], final_b[name]), name

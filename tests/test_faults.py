@@ -15,8 +15,8 @@ import torch
 
 from orchestrator.checkpoint import checkpoint_dir
 from orchestrator.metrics import read_metrics
+from tests.checkpoint_files import weights_and_optimiser
 from tests.launch import kill_run, run_launch, start_launch, worker_pids
-from tests.test_bad_steps import weights_and_optimiser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -78,10 +78,10 @@ def test_cpu_smoke(tmp_path: Path) -> None:
     assert "measured / plan without allowance" in log
 
 
-def test_the_checks_fp16_run_is_a_valid_gpu_config(tmp_path: Path) -> None:
+def test_the_checks_fp16_run_is_a_valid_gpu_config() -> None:
     from bench.gpu_check import FP16_NAN_STEP, FP16_SCALER_SKIPS, fp16_overrides
 
-    cfg = load(*fp16_overrides("h100_80g", tmp_path / "run"))
+    cfg = load(*fp16_overrides("h100_80g"))
     plan = validate_config(cfg)
     assert cfg.train.precision == "fp16" and plan.world_size == 1
     assert cfg.faults.inject_inf_grad_at_steps == list(range(2, 2 + FP16_SCALER_SKIPS))

@@ -29,18 +29,6 @@ RTOL = 1e-4
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _overrides(run_dir: Path, *extra: str) -> list[str]:
-    """The tiny model on synthetic data, without the golden curve's learning settings."""
-    return [
-        "model=tiny",
-        "data=synthetic",
-        f"run.dir={run_dir}",
-        f"train.steps={golden.STEPS}",
-        "train.log_interval=1",
-        *extra,
-    ]
-
-
 def train(run_dir: Path, *extra: str) -> list[dict[str, float]]:
     run_launch(*golden.overrides(run_dir, *extra))
     return read_metrics(run_dir / "metrics.jsonl")
@@ -167,7 +155,9 @@ def test_logged_lr_follows_the_schedule(reference: list[dict[str, float]]) -> No
 def test_loss_falls_on_a_repeating_batch(tmp_path: Path) -> None:
     run_dir = tmp_path / "memorise"
     proc = run_launch(
-        *_overrides(run_dir, "parallel=tp1pp1", "data.num_samples=8", "train.warmup_steps=5"),
+        *golden.base_overrides(
+            run_dir, "parallel=tp1pp1", "data.num_samples=8", "train.warmup_steps=5"
+        ),
         "train.steps=40",  # seen: 4.65 at step 10 -> 0.15 at step 30 (of 150)
         "train.log_interval=10",
     )
@@ -183,7 +173,7 @@ def test_failing_worker_fails_the_job(tmp_path: Path) -> None:
     # DeepSpeed rejects the unknown key on every rank at start-up.
     start = time.monotonic()
     proc = run_launch(
-        *_overrides(
+        *golden.base_overrides(
             tmp_path / "bad", "parallel=tp2pp1", "+deepspeed.extra.zero_optimization.bogus=1"
         ),
         expect=1,
@@ -197,7 +187,7 @@ def test_failing_worker_fails_the_job(tmp_path: Path) -> None:
 
 def test_killed_worker_stops_the_job_within_seconds(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
-    proc = start_launch(*_overrides(run_dir, "parallel=tp2pp1"), "train.steps=100000")
+    proc = start_launch(*golden.base_overrides(run_dir, "parallel=tp2pp1"), "train.steps=100000")
     try:
         wait_for_steps(proc, run_dir, 2)
         pids = worker_pids(run_dir)

@@ -6,8 +6,8 @@ source with the most credit (the lowest index on a tie) gives the sample,
 and its credit drops by ``Q``. After any ``n`` samples each source has had
 ``n * W_d / Q`` samples to within one (``|count_d - w_d n| <= 1``), and after
 ``Q`` samples every credit is zero again, so the blend is one period of
-``Q`` samples repeated: built with a loop over one period and tiled, in
-nothing stored per sample (``Blend``: a lookup is O(1)).
+``Q`` samples repeated: a loop builds one period, and nothing per sample is
+stored (``Blend``: a lookup is O(1)).
 
 Megatron's ``build_blending_indices`` aims at ``w_d * max(i, 1)`` before
 sample ``i``, one sample behind this rule's ``w_d * (i + 1)``; on the LLaMA
@@ -31,7 +31,6 @@ import numpy as np
 log = logging.getLogger("orchestrator.data.blend")
 
 MAX_PERIOD = 1 << 24
-_CHUNK = 1 << 24  # samples written per vectorised step
 
 
 def integer_weights(weights: Sequence[float]) -> list[int]:
@@ -111,24 +110,10 @@ class Blend:
         return cycles * self.per_period + tail
 
     def arrays(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source of each of the first ``size`` samples, int16; its sample number, int64)."""
-        dataset = np.empty(size, dtype=np.int16)
-        sample = np.empty(size, dtype=np.int64)
-        q = self.q
-        chunk = max(q, _CHUNK // q * q)  # whole periods per chunk
-        reps = chunk // q
-        tiled_d, tiled_rank = np.tile(self.period, reps), np.tile(self.rank, reps)
-        cycle = np.repeat(np.arange(reps, dtype=np.int64), q)  # the period each position is in
-        for start in range(0, size, chunk):
-            n = min(chunk, size - start)
-            which = tiled_d[:n]
-            dataset[start : start + n] = which
-            first = start // q
-            sample[start : start + n] = (cycle[:n] + first) * self.per_period[which]
-            sample[start : start + n] += tiled_rank[:n]
-        return dataset, sample
+        """``locate`` for each of the first ``size`` samples: (sources, int16; numbers, int64).
 
-
-def build_blend(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``Blend.of(weights).arrays(size)``: every sample's source and number, spelled out."""
-    return Blend.of(weights).arrays(size)
+        Spelled out for checking the blend (the run reads through ``locate``).
+        """
+        cycle, r = np.divmod(np.arange(size, dtype=np.int64), self.q)
+        dataset = self.period[r]
+        return dataset, cycle * self.per_period[dataset] + self.rank[r]
