@@ -235,7 +235,7 @@ def test_sample_index_is_megatrons(tmp_path: Path) -> None:
 def _reference_stream(index: RunIndex, split: str, slot: int, source: SourceSpec) -> np.ndarray:
     """The source's tokens in its document order, concatenated (dense reference)."""
     documents = [d for prefix in source.shards for d in IndexedDataset(prefix)]
-    return np.concatenate([documents[int(g)] for g in index.load(f"{split}_{slot}_doc")])
+    return np.concatenate([documents[int(g)] for g in index.document_order(split, slot)])
 
 
 def test_samples_pack_documents_across_boundaries(tmp_path: Path) -> None:
@@ -252,12 +252,12 @@ def test_samples_pack_documents_across_boundaries(tmp_path: Path) -> None:
     # every epoch is a permutation of the source's training documents
     for i, source in enumerate(sources):
         num_docs = len(IndexedDataset(source.shards[0]))
-        order = np.asarray(index.load(f"train_{i}_doc"))
+        order = index.document_order("train", i)
         rng = run_index_module._seed(9, source.name, run_index_module._KIND_SPLIT, 0)
-        train_docs, valid = run_index_module._split_documents(num_docs, 0.1, rng)
-        assert len(valid) == round(num_docs * 0.1) and len(np.intersect1d(train_docs, valid)) == 0
-        assert np.array_equal(np.union1d(train_docs, valid), np.arange(num_docs))
-        assert np.isin(index.load(f"valid_{i}_doc"), valid).all()  # validation reads only those
+        valid = run_index_module._held_out(num_docs, 0.1, rng)
+        train_docs = np.setdiff1d(np.arange(num_docs), valid)
+        assert len(valid) == round(num_docs * 0.1)
+        assert np.isin(index.document_order("valid", i), valid).all()  # validation reads only those
         whole = len(order) // len(train_docs)
         assert whole >= 2  # the run needs several epochs of these small sources
         for e in range(whole):
@@ -266,6 +266,39 @@ def test_samples_pack_documents_across_boundaries(tmp_path: Path) -> None:
         assert not np.array_equal(
             order[: len(train_docs)], order[len(train_docs) : 2 * len(train_docs)]
         )
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 100, 4099])
+def test_an_epoch_is_a_permutation_of_runs_of_documents(n: int) -> None:
+    run = run_index_module.DOC_RUN
+    order = np.empty(n, dtype=np.int32)
+    run_index_module._epoch_order(n, np.random.default_rng(3), out=order)
+    assert np.array_equal(np.sort(order), np.arange(n))
+    # cut where a run ends in the order: each piece is one whole run, in some order
+    runs_in_order = order // run
+    pieces = np.split(order, np.flatnonzero(np.diff(runs_in_order)) + 1)
+    assert len(pieces) == -(-n // run)
+    for piece in pieces:
+        first = int(piece.min()) // run * run
+        assert np.array_equal(np.sort(piece), np.arange(first, min(first + run, n)))
+    if n >= 100:  # the runs are shuffled, and so are the documents inside them
+        assert not np.array_equal(np.sort(runs_in_order), runs_in_order)
+        assert sum(not np.array_equal(np.sort(x), x) for x in pieces) > len(pieces) // 2
+        again = np.empty(n, dtype=np.int32)
+        run_index_module._epoch_order(n, np.random.default_rng(4), out=again)
+        assert not np.array_equal(order, again)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.3])
+def test_split_documents_map_positions_to_numbers(fraction: float) -> None:
+    n = 1000
+    held = run_index_module._held_out(n, fraction, np.random.default_rng(0))
+    gaps = held - np.arange(len(held), dtype=np.int32)
+    train = np.setdiff1d(np.arange(n), held)
+    for valid, numbers in ((False, train), (True, held)):
+        members = run_index_module.SplitDocuments(gaps, valid=valid)
+        assert np.array_equal(members.numbers(np.arange(len(numbers))), numbers)
+        assert [members.number(p) for p in range(len(numbers))] == numbers.tolist()
 
 
 def test_samples_are_read_in_a_seeded_order_within_blocks() -> None:
