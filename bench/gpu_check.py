@@ -333,7 +333,7 @@ def part_compiled_trainer(opts: argparse.Namespace) -> dict[str, Any]:
 def _trainer_run(opts: argparse.Namespace, *, name: str, extra: list[str]) -> dict[str, Any]:
     """The real trainer for a few steps; its recorded peak memory against the plan's."""
     from orchestrator import perf
-    from orchestrator.cli import compose_config
+    from orchestrator.compose import compose_config
     from orchestrator.plan import validate_config
 
     base = CPU_TRAIN if opts.cpu_smoke else GPU_TRAIN + [f"cluster={opts.cluster}"]
@@ -466,7 +466,7 @@ def part_throughput_compile(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def _throughput(opts: argparse.Namespace, runners: list[str]) -> dict[str, Any]:
-    from orchestrator.cli import compose_config
+    from orchestrator.compose import compose_config
 
     peak = compose_config([f"cluster={opts.cluster}"], conf_dir=REPO / "conf").cluster.peak_tflops
     rows_path = opts.out / f"rows_{os.getpid()}.json"

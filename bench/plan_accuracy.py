@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator import perf  # noqa: E402
-from orchestrator.cli import compose_config  # noqa: E402
+from orchestrator.compose import compose_config  # noqa: E402
 from orchestrator.plan import validate_config  # noqa: E402
 
 SIXTY_M = (

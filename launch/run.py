@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from orchestrator import cli  # noqa: E402
+from orchestrator import cli, compose  # noqa: E402
 from orchestrator.config import register_configs  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -35,4 +35,4 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run_entry_point(hydra_main, conf_dir=CONF_DIR))
+    sys.exit(compose.run_entry_point(hydra_main, conf_dir=CONF_DIR))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -26,6 +26,7 @@ from model_parallel.groups import ProcessGroups
 from model_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from model_parallel.llama import RMSNorm, TransformerBlock, init_parameters
 from model_parallel.mappings import Group, group_size
+from orchestrator.ds_compat import FixedSplitPipelineModule, stage_modules
 
 
 class EmbeddingPipe(nn.Module):
@@ -135,7 +136,7 @@ def stage_boundaries(stage_layers: Sequence[tuple[int, int]]) -> list[int]:
     return parts
 
 
-class LlamaPipeline(PipelineModule):
+class LlamaPipeline(FixedSplitPipelineModule):
     """``PipelineModule`` with the stage split taken from the plan, not balanced by DeepSpeed."""
 
     def __init__(
@@ -166,14 +167,8 @@ class LlamaPipeline(PipelineModule):
             layers=specs,
             topology=topology,
             loss_fn=PipelineLoss(tp_group=groups.tp_group, vocab_size=args.vocab_size),
-            partition_method="uniform",  # replaced by _partition_layers below
         )
         self.tp_group = groups.tp_group
-
-    def _partition_layers(self, method: str = "uniform") -> None:
-        self.parts = self._parts
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
 def load_stage_state_dict(pipeline: LlamaPipeline, state: dict[str, torch.Tensor]) -> None:
@@ -181,7 +176,7 @@ def load_stage_state_dict(pipeline: LlamaPipeline, state: dict[str, torch.Tensor
     from model_parallel.layers import load_shard_
     from model_parallel.mappings import group_rank
 
-    for module in pipeline.forward_funcs:
+    for module in stage_modules(pipeline):
         prefix, target = "", module
         if isinstance(module, BlockPipe):
             prefix, target = f"layers.{module.layer_id}.", module.block

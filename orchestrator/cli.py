@@ -1,98 +1,39 @@
 """Command-line front end behind ``launch/run.py``.
 
-Hydra composes ``conf/`` with the overrides; ``main`` turns the result into
-dataclasses, checks it and prints the plan. ``run_entry_point`` wraps the
-``@hydra.main`` function so that every bad setting, Hydra's and OmegaConf's
-composition errors included, ends as one ``error: ...`` line on stderr and
-exit code 2, never a traceback.
+``main`` takes the config Hydra composed (``orchestrator.compose`` turns it
+into dataclasses and every composition error into one line, exit 2), checks
+it, prints the plan, and launches: here (``launcher=local``), as this rank
+(``launcher=env``/``mpi``) or as a SLURM job (``launcher=slurm``). The run
+folder is written by ``orchestrator.run_folder``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator import cpu_allocator, dist_env, perf, slurm
-from orchestrator.config import Config, config_yaml, register_configs
+from orchestrator.compose import (
+    EXIT_BAD_CONFIG,
+    command_line,
+    describe_error,
+    print_error,
+    to_config,
+)
+from orchestrator.config import Config
 from orchestrator.data.build import resolve_paths
 from orchestrator.engine import deepspeed_config
 from orchestrator.launcher import local_capacity, run_local
 from orchestrator.plan import Plan, format_plan, validate_config
-from orchestrator.pretrained_config import fill_model_from_checkpoint
+from orchestrator.run_folder import choose_run_dir, prepare_run_dir, run_dir_files
 
-EXIT_BAD_CONFIG = 2
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _RANK_WAIT_S = 600  # how long ranks > 0 wait for rank 0's run directory
-# How Hydra names the override in its composition errors.
-_MERGING_OVERRIDE = re.compile(r"^Error merging override (\S+)", re.MULTILINE)
-_APPEND_HINT = re.compile(r"^To append to your config use \+(\S+)", re.MULTILINE)
-
-
-def to_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
-    """The typed config; library code past the entry point only sees this.
-    ``overrides``: the command line's (``model=pretrained`` fills the rest)."""
-    _reject_unknown_keys(cfg)
-    fill_model_from_checkpoint(cfg, overrides)  # the architecture of model.init_from
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(f"{missing[0]}=???: must be set (add {missing[0]}=... to the command)")
-    config = OmegaConf.to_object(cfg)
-    if not isinstance(config, Config):
-        raise TypeError(f"expected the structured Config schema, got {type(config).__name__}")
-    return config
-
-
-def _command_line() -> list[str]:
-    """Hydra's task overrides (the ``key=value`` words of the command line)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
-    """Raise for keys a dataclass node does not declare.
-
-    Hydra's ``+key=value`` lifts the struct flag to add a key, even inside a
-    dataclass node, and ``OmegaConf.to_object`` then drops it silently.
-    Dict-typed fields (``cluster.nccl_env``) may still take new keys.
-    """
-    schema = OmegaConf.get_type(node)
-    if not dataclasses.is_dataclass(schema):
-        return
-    known = {f.name for f in dataclasses.fields(schema)}
-    for key in node:
-        name = f"{prefix}{key!s}"
-        if key not in known:
-            raise ValueError(f"{name}: unknown key, {schema.__name__} has no such field")
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            _reject_unknown_keys(child, prefix=f"{name}.")
-
-
-def compose_config(overrides: Sequence[str] = (), *, conf_dir: Path) -> Config:
-    """Compose ``conf_dir`` with overrides in-process, as ``launch/run.py`` would.
-
-    For tests and tools; raises Hydra's or OmegaConf's errors (see ``describe_error``).
-    """
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return to_config(cfg, overrides)
 
 
 def main(cfg: DictConfig) -> int:
@@ -102,7 +43,7 @@ def main(cfg: DictConfig) -> int:
     nothing written), otherwise the launcher's (``launcher=slurm``: 0 once submitted).
     """
     try:
-        config = to_config(cfg, _command_line())
+        config = to_config(cfg, command_line())
         plan = validate_config(config)
         deepspeed_config(config, plan)  # an extra key that conflicts fails here
         if not config.dry_run:
@@ -115,7 +56,7 @@ def main(cfg: DictConfig) -> int:
         if not config.dry_run:
             resolve_paths(config)  # data files exist; model and tokenizer vocabularies agree
     except (ValueError, RuntimeError, OmegaConfBaseException) as exc:
-        _print_error(describe_error(exc))
+        print_error(describe_error(exc))
         return EXIT_BAD_CONFIG
     if script is not None and not config.dry_run:
         return _submit(config, plan, script)  # prints the plan once submitted
@@ -231,7 +172,7 @@ def _submit(config: Config, plan: Plan, script_text: str) -> int:
         sbatch = slurm.find_sbatch() if config.slurm.submit else None
         job_id = slurm.write_and_submit(run_dir, files, sbatch=sbatch, cwd=_REPO_ROOT)
     except ValueError as exc:
-        _print_error(describe_error(exc))
+        print_error(describe_error(exc))
         return EXIT_BAD_CONFIG
     script = run_dir / slurm.SCRIPT_NAME
     print(format_plan(plan, config))
@@ -275,7 +216,7 @@ def _run_as_rank(config: Config, plan: Plan, rank: int) -> int:
         deadline = time.monotonic() + _RANK_WAIT_S
         while not (run_dir / "config.yaml").exists():
             if time.monotonic() > deadline:
-                _print_error(f"run.dir={run_dir}: rank 0 wrote no config.yaml in {_RANK_WAIT_S}s")
+                print_error(f"run.dir={run_dir}: rank 0 wrote no config.yaml in {_RANK_WAIT_S}s")
                 return 1
             time.sleep(0.5)
     # Imported here: it loads DeepSpeed (seconds, and a warning on stdout) that only ranks need.
@@ -285,107 +226,3 @@ def _run_as_rank(config: Config, plan: Plan, rank: int) -> int:
     code = train(config, run_dir)
     ignore_stop_signals()
     return code
-
-
-def choose_run_dir(config: Config) -> Path:
-    """``run.dir`` made absolute (default runs/<model>-<parallel>-<timestamp>); creates nothing."""
-    if config.run.dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        config.run.dir = str(
-            Path(config.run.root) / f"{config.model.name}-{config.parallel.name}-{stamp}"
-        )
-    run_dir = Path(config.run.dir).resolve()
-    config.run.dir = str(run_dir)
-    return run_dir
-
-
-def run_dir_files(config: Config, plan: Plan) -> dict[str, str]:
-    """What a run directory starts with: the resolved config and the DeepSpeed JSON."""
-    return {
-        "config.yaml": config_yaml(config),
-        "deepspeed.json": json.dumps(deepspeed_config(config, plan), indent=2),
-    }
-
-
-def prepare_run_dir(config: Config, plan: Plan) -> Path:
-    """Create the run directory and write the resolved config and DeepSpeed JSON into it."""
-    run_dir = choose_run_dir(config)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    for name, text in run_dir_files(config, plan).items():
-        slurm.write_atomic(run_dir / name, text)  # other ranks may be waiting for config.yaml
-    return run_dir
-
-
-def run_entry_point(hydra_main: Callable[[], Any], *, conf_dir: Path) -> int:
-    """Call a ``@hydra.main`` function; a composition error becomes one line and exit 2.
-
-    Left alone, Hydra prints a multi-line report and exits 1. With
-    ``HYDRA_FULL_ERROR=1`` it raises instead, so we set it for the call and
-    catch. A user who set ``HYDRA_FULL_ERROR=1`` gets Hydra's full traceback.
-    """
-    previous = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        hydra_main()
-    except (HydraException, OmegaConfBaseException) as exc:
-        if previous == "1":
-            raise
-        _print_error(describe_error(exc, conf_dir=conf_dir))
-        return EXIT_BAD_CONFIG
-    finally:
-        if previous is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = previous
-    return 0
-
-
-def describe_error(exc: BaseException, *, conf_dir: Path | None = None) -> str:
-    """One line naming the setting and what is wrong with it."""
-    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-        return _describe_missing_config(exc, conf_dir)
-    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else None
-    if isinstance(exc, HydraException) and cause is not None:
-        setting = _override_in(str(exc)) or getattr(cause, "full_key", None)
-        return f"{setting}: {_omegaconf_message(cause)}" if setting else _omegaconf_message(cause)
-    if isinstance(exc, OmegaConfBaseException):
-        key = getattr(exc, "full_key", None)
-        message = _omegaconf_message(exc)
-        return f"{key}: {message}" if key else message
-    return _first_line(str(exc))
-
-
-def _override_in(message: str) -> str | None:
-    """The override a Hydra composition error is about, when its message names it."""
-    match = _MERGING_OVERRIDE.search(message) or _APPEND_HINT.search(message)
-    return match.group(1) if match else None
-
-
-def _describe_missing_config(exc: MissingConfigException, conf_dir: Path | None) -> str:
-    path = exc.missing_cfg_file or ""
-    group, _, name = path.rpartition("/")
-    options = _group_options(conf_dir, group) or sorted(exc.options or [])
-    if not group:
-        return _first_line(str(exc))
-    available = ", ".join(options) if options else "none"
-    return f"{group}={name}: no config '{path}'; available: {available}"
-
-
-def _group_options(conf_dir: Path | None, group: str) -> list[str]:
-    if conf_dir is None or not group or not (conf_dir / group).is_dir():
-        return []
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-
-
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
-    # ``msg`` is the bare message; str(exc) appends full_key/object_type lines.
-    return _first_line(getattr(exc, "msg", None) or str(exc))
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[0] if lines else "invalid configuration"
-
-
-def _print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)

@@ -13,14 +13,11 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from orchestrator import cpu_probe
 from orchestrator.config import Config
 from orchestrator.cpu_probe import CommCosts, RankCpus
-
-if TYPE_CHECKING:  # plan.py imports perf, which imports this module
-    from orchestrator.plan import Plan
+from orchestrator.plan_view import PlanView
 
 LOADED_CORES = 1.0  # other processes' load (cores' worth) that earns a warning
 
@@ -37,11 +34,11 @@ class CpuHost:
     other_load: float | None = None  # load average before the run starts; None: in a worker
 
 
-def ranks_per_node(plan: Plan) -> int:
+def ranks_per_node(plan: PlanView) -> int:
     return -(-plan.world_size // plan.nodes)
 
 
-def cpu_host(cfg: Config, plan: Plan) -> CpuHost | None:
+def cpu_host(cfg: Config, plan: PlanView) -> CpuHost | None:
     """The measured costs of a CPU plan on this host (cached); None on a GPU cluster."""
     cluster = cfg.cluster
     if cluster.gpus_per_node > 0:

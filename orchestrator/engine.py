@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import Any
 
 import torch
@@ -218,9 +217,10 @@ def init_deepspeed_comm() -> None:
     incompatible, it is neither built nor loaded, and no lock is taken.
     """
     import deepspeed
-    import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from orchestrator import ds_compat
+
+    ds_compat.never_build_shm_comm()
     deepspeed.init_distributed(
         dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False
     )
@@ -231,6 +231,8 @@ def initialize(
 ) -> Any:
     """``deepspeed.initialize`` with our optimiser, schedule and ``mpu``; returns the engine."""
     import deepspeed  # deferred: importing deepspeed is slow and prints
+
+    from orchestrator import ds_compat
 
     if cfg.model.compile:
         compile_model(model)  # each block, not the engine: DeepSpeed's hooks stay eager
@@ -248,77 +250,9 @@ def initialize(
         dist_init_required=False,
     )
     if plan.zero_stage == 0:
-        _skip_non_finite_steps_at_zero0(engine, model, groups)
+        ds_compat.skip_non_finite_steps_at_zero0(engine, lambda: grad_norm(model, groups))
     if plan.zero_stage == 3:
-        _check_overflow_in_every_dtype(engine.optimizer)
+        ds_compat.check_overflow_in_every_dtype(engine.optimizer)
     if groups.dp_size == 1:
-        _skip_fallback_all_reduce(engine)
+        ds_compat.skip_fallback_all_reduce(engine)
     return engine
-
-
-def _skip_fallback_all_reduce(engine: Any) -> None:
-    """At dp = 1, make DeepSpeed's fallback gradient all-reduce a no-op.
-
-    The fallback (``buffered_allreduce_fallback``: ZeRO-0, and bf16's
-    ``BF16_Optimizer`` at ZeRO-1, pipeline or not) flattens every gradient,
-    all-reduces it over a data-parallel group of one and copies it back: 9% of
-    a 60M bf16 step on CPU, for an identity. ZeRO-1/2's own reductions (which
-    also move gradients into their partitions) are left alone.
-    """
-    engine.buffered_allreduce_fallback = lambda *args, **kwargs: None
-
-
-def _skip_non_finite_steps_at_zero0(engine: Any, model: nn.Module, groups: ProcessGroups) -> None:
-    """Make ZeRO-0 skip a step whose global gradient norm is NaN/Inf, pipeline or not.
-
-    ZeRO-1/2 and bf16 check every step; DeepSpeed's plain (ZeRO-0) optimiser
-    would apply a NaN. At the step boundary the engine clips (when
-    ``gradient_clipping`` is set), calls ``optimizer.step()``, then counts a
-    skip and holds the lr schedule when ``optimizer.overflow`` is true. So the
-    norm is taken once before the clip (``grad_norm``: over tp and every
-    stage), reported as DeepSpeed's own (``_global_grad_norm``), and a
-    non-finite one sets ``overflow`` and leaves the weights and Adam's state
-    alone; the engine then clears the gradients as after any step.
-    """
-    optimizer = engine.optimizer
-    step, clip = optimizer.step, engine.clip_fp32_gradients
-    measured: list[float] = []  # this boundary's norm, taken before clipping
-
-    def norm() -> float:
-        if not measured:
-            measured.append(grad_norm(model, groups))
-        return measured[0]
-
-    def clip_after_norm() -> None:
-        if math.isfinite(norm()):
-            clip()
-
-    def checked_step(*args: Any, **kwargs: Any) -> None:
-        value = norm()
-        measured.clear()
-        optimizer._global_grad_norm = value
-        optimizer.overflow = not math.isfinite(value)
-        if not optimizer.overflow:
-            step(*args, **kwargs)
-
-    engine.clip_fp32_gradients = clip_after_norm
-    optimizer.step = checked_step  # shadows the method on this instance
-
-
-def _check_overflow_in_every_dtype(zero: Any) -> None:
-    """Make ZeRO-3 skip a step with a NaN/Inf gradient in bf16 and fp32 too.
-
-    ZeRO-1/2 check every step's reduced gradients; DeepSpeed's ZeRO-3 checks
-    only in fp16 (``_overflow_check_and_loss_scale_update``). This is that
-    method without the dtype test: the same check, the same clean-up, and the
-    engine then counts the step as skipped and holds the lr schedule.
-    """
-
-    def overflow_check(update_scale: bool = True) -> bool:
-        zero.overflow = False
-        zero.check_overflow()
-        if not update_scale:
-            return bool(zero.overflow)
-        return bool(zero._loss_scale_update_and_overflow_cleanup())
-
-    zero._overflow_check_and_loss_scale_update = overflow_check

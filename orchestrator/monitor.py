@@ -239,12 +239,9 @@ def loss_scale(engine: Any, precision: str) -> float | None:
     """fp16's current dynamic loss scale (None for bf16/fp32)."""
     if precision != "fp16":
         return None
-    optimizer = getattr(engine, "optimizer", None)
-    for name in ("loss_scale", "cur_scale"):
-        value = getattr(optimizer, name, None)
-        if isinstance(value, int | float | torch.Tensor):
-            return float(value)
-    return None
+    from orchestrator.ds_compat import loss_scale as current_scale
+
+    return current_scale(getattr(engine, "optimizer", None))
 
 
 def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:

@@ -115,16 +115,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from model_parallel.args import ModelArgs
 from orchestrator import cpu_costs
 from orchestrator.config import ClusterConfig, Config
 from orchestrator.cpu_costs import CpuHost, ranks_per_node
 from orchestrator.flops import hardware_flops_per_token, model_flops_per_token
-
-if TYPE_CHECKING:  # plan.py imports this module
-    from orchestrator.plan import Plan
+from orchestrator.plan_view import PlanView
 
 GIB = 2**30
 ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: partitions start 4-byte aligned
@@ -348,7 +345,7 @@ class Estimate:
         return self.peak.total <= self.device_memory
 
 
-def estimate(cfg: Config, plan: Plan) -> Estimate:
+def estimate(cfg: Config, plan: PlanView) -> Estimate:
     """Memory per stage and time per step of ``plan`` on ``cfg.cluster``."""
     stages = tuple(stage_memory(cfg, plan, stage) for stage in range(plan.pp))
     host = cpu_costs.cpu_host(cfg, plan)
@@ -363,7 +360,7 @@ def estimate(cfg: Config, plan: Plan) -> Estimate:
 
 
 def rank_model_state(
-    cfg: Config, plan: Plan, *, stage: int, dp_rank: int | None = None
+    cfg: Config, plan: PlanView, *, stage: int, dp_rank: int | None = None
 ) -> ModelState:
     """Model state of one device of ``stage`` (``dp_rank=None``: the fullest dp rank)."""
     args = cfg.model.to_args()
@@ -374,7 +371,7 @@ def rank_model_state(
     )
 
 
-def stage_memory(cfg: Config, plan: Plan, stage: int) -> StageMemory:
+def stage_memory(cfg: Config, plan: PlanView, stage: int) -> StageMemory:
     """One device of ``stage``: model state for its ZeRO stage, activations in flight."""
     args = cfg.model.to_args()
     par = cfg.parallel
@@ -417,7 +414,7 @@ def _bandwidth(cluster: ClusterConfig, *, crosses_nodes: bool, host: CpuHost | N
     return host.comm.bandwidth_gbs * 1e9
 
 
-def step_time(cfg: Config, plan: Plan, *, host: CpuHost | None = None) -> StepTime:
+def step_time(cfg: Config, plan: PlanView, *, host: CpuHost | None = None) -> StepTime:
     """Seconds per optimiser step (module docstring); ``host``: a CPU plan's measured costs."""
     args, cluster = cfg.model.to_args(), cfg.cluster
     e = element_bytes(cfg.train.precision)
@@ -456,7 +453,7 @@ def step_time(cfg: Config, plan: Plan, *, host: CpuHost | None = None) -> StepTi
 
 def _dp_comm(
     cfg: Config,
-    plan: Plan,
+    plan: PlanView,
     seconds_per_element: float,
     latency_s: float,
     micro_s: float,

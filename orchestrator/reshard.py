@@ -36,6 +36,7 @@ import torch
 
 from model_parallel.layers import is_sharded, replicas_of
 from model_parallel.mappings import group_rank
+from orchestrator import ds_compat
 from orchestrator.checkpoint import TrainingState
 from orchestrator.reshard_source import KEYS, SourceCheckpoint, UnsupportedCheckpoint
 from orchestrator.weights import global_name
@@ -113,48 +114,21 @@ def _adam_state(
     return state
 
 
-def _fill_zero12(zero: Any, local: dict[Any, _Local], adam_step: int) -> None:
-    """ZeRO 1/2 and BF16_Optimizer: each dp rank's slice of each group's flat buffer."""
-    if hasattr(zero, "single_partition_of_fp32_groups"):
-        flats, groups = zero.single_partition_of_fp32_groups, zero.bit16_groups
-    else:
-        flats, groups = zero.fp32_groups_flat_partition, zero.bf16_groups
-    for flat, params in zip(flats, groups, strict=True):
-        state = _adam_state(zero.optimizer, flat, adam_step)
+def _fill_slices(
+    zero: Any, slices: list[ds_compat.MasterSlice], local: dict[Any, _Local], adam_step: int
+) -> None:
+    """ZeRO 1-3 and BF16_Optimizer: the fp32 slices this dp rank owns, then the 16-bit weights."""
+    for piece in slices:
+        state = _adam_state(zero.optimizer, piece.flat, adam_step)
         targets = {
-            "fp32": flat.data,
+            "fp32": piece.flat.data,
             "exp_avg": state["exp_avg"],
             "exp_avg_sq": state["exp_avg_sq"],
         }
-        for param in params:
-            mapping = getattr(param, "_hp_mapping", None)
-            if mapping is None:  # no fragment of it in this dp rank's slice
-                continue
-            hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
+        for param, at, start, numel in piece.pieces:
             for key, target in targets.items():
-                target.narrow(0, hp.start, hp.numel).copy_(
-                    local[param].flat(key, lp.start, lp.numel)
-                )
-    zero.update_lp_params()  # bit16 weights from the fp32 slices, all-gathered over dp
-
-
-def _fill_zero3(zero: Any, local: dict[Any, _Local], adam_step: int) -> None:
-    """ZeRO-3: each parameter's own dp partition."""
-    for sub, flat in enumerate(zero.fp32_partitioned_groups_flat):
-        state = _adam_state(zero.optimizer, flat, adam_step)
-        targets = {
-            "fp32": flat.data,
-            "exp_avg": state["exp_avg"],
-            "exp_avg_sq": state["exp_avg_sq"],
-        }
-        for param in zero.fp16_groups[sub]:
-            _, offset, numel = zero.grad_position[zero.get_param_id(param)]
-            start = zero._get_param_partition_rank(param) * param.ds_tensor.ds_numel
-            for key, target in targets.items():
-                target.narrow(0, offset, numel).copy_(local[param].flat(key, start, numel))
-        lp = zero.fp16_partitioned_groups_flat[sub]
-        if lp is not None and lp.data_ptr() != flat.data_ptr():
-            lp.data.copy_(flat.data)  # the module's own partitions
+                target.narrow(0, at, numel).copy_(local[param].flat(key, start, numel))
+    ds_compat.update_bit16_from_master(zero)
 
 
 def _fill_plain(optimizer: torch.optim.Optimizer, local: dict[Any, _Local], adam_step: int) -> None:
@@ -186,12 +160,9 @@ def load_resharded(
     local = _locals(engine, source, n_layers=args.n_layers, pp=pp, tp_rank=tp_rank)
     zero, adam_step = engine.optimizer, source.meta["adam_step"]
     with torch.no_grad():
-        if hasattr(zero, "fp32_partitioned_groups_flat"):
-            _fill_zero3(zero, local, adam_step)
-        elif hasattr(zero, "single_partition_of_fp32_groups") or hasattr(
-            zero, "fp32_groups_flat_partition"
-        ):
-            _fill_zero12(zero, local, adam_step)
+        slices = ds_compat.master_slices(zero)
+        if slices is not None:
+            _fill_slices(zero, slices, local, adam_step)
         else:
             _fill_plain(getattr(zero, "optimizer", zero), local, adam_step)
     source.close()

@@ -35,6 +35,13 @@ import torch
 
 from model_parallel.args import ModelArgs
 from orchestrator.checkpoint import LayoutRecord, read_layout
+from orchestrator.ds_compat import (
+    BASE_OPTIMIZER_STATE,
+    FP32_SLICES,
+    OPTIMIZER_STATE_DICT,
+    PARAM_SHAPES,
+    SLICE_MAPPINGS,
+)
 from orchestrator.safe_load import safe_load
 from orchestrator.weights import global_name, tp_dim, tp_replicas
 
@@ -160,7 +167,7 @@ class SourceCheckpoint:
         return self._open[name]
 
     def _optim(self, name: str) -> dict[str, Any]:
-        return dict(self._file(name)["optimizer_state_dict"])
+        return dict(self._file(name)[OPTIMIZER_STATE_DICT])
 
     def _add(
         self, name: str, local_shape: tuple[int, ...], tp_rank: int, pieces: list[Piece]
@@ -182,9 +189,9 @@ class SourceCheckpoint:
 
     def _index_zero12(self, mp: int, tp_rank: int) -> None:
         """One model-parallel rank: a parameter's run in the group buffer, cut at dp slices."""
-        shapes = self._file(f"mp_rank_{mp:02d}_model_states.pt")["param_shapes"]
+        shapes = self._file(f"mp_rank_{mp:02d}_model_states.pt")[PARAM_SHAPES]
         first = self._optim(self.optim_file(0, mp))
-        slice_len = [int(t.numel()) for t in first["single_partition_of_fp32_groups"]]
+        slice_len = [int(t.numel()) for t in first[FP32_SLICES]]
         for group, names in enumerate(shapes):
             offset = 0
             for local_name, shape in names.items():
@@ -205,7 +212,7 @@ class SourceCheckpoint:
 
     def _check_against_mappings(self, mp: int, first: dict[str, Any]) -> None:
         """DeepSpeed records dp rank 0's fragments: they must be where we computed them."""
-        for group, mapping in enumerate(first["param_slice_mappings"]):
+        for group, mapping in enumerate(first[SLICE_MAPPINGS]):
             for local_name, addr in mapping.items():
                 name = global_name(local_name, self.args.n_layers, self.layout.pp)
                 tp_rank = mp % self.layout.tp
@@ -224,7 +231,7 @@ class SourceCheckpoint:
     def _index_zero3(self, tp_rank: int) -> None:
         """ZeRO-3: each flattened parameter in dp slices of ``ceil(n / dp)``."""
         dp = self.layout.dp
-        shapes = self._file(self._states_file(tp_rank))["param_shapes"]
+        shapes = self._file(self._states_file(tp_rank))[PARAM_SHAPES]
         for group, names in enumerate(shapes):
             offset = 0
             for name, shape in names.items():
@@ -298,7 +305,7 @@ class SourceCheckpoint:
             adam_state = states["optimizer"]["state"][0]
         else:
             optim = self._optim(self.optim_file(0, 0))
-            key = "optimizer_state_dict" if self.layout.zero_stage == 3 else "base_optimizer_state"
+            key = OPTIMIZER_STATE_DICT if self.layout.zero_stage == 3 else BASE_OPTIMIZER_STATE
             adam_state = optim[key]["state"][0]
         return {
             "adam_step": int(adam_state["step"]),
@@ -326,10 +333,10 @@ class SourceCheckpoint:
         if self.layout.zero_stage == 3:
             if key == "fp32":
                 return optim["fp32_flat_groups"][group]
-            return optim["optimizer_state_dict"]["state"][group][key]
+            return optim[OPTIMIZER_STATE_DICT]["state"][group][key]
         if key == "fp32":
-            return optim["single_partition_of_fp32_groups"][group]
-        return optim["base_optimizer_state"]["state"][group][key]
+            return optim[FP32_SLICES][group]
+        return optim[BASE_OPTIMIZER_STATE]["state"][group][key]
 
     def _shard_flat(
         self, param: Param, tp_rank: int, key: str, start: int, end: int

@@ -25,7 +25,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,13 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from orchestrator.compose import compose_config, describe_error
 from orchestrator.config import Config, load_config
 from orchestrator.data.build import resolve_paths
 from orchestrator.engine import deepspeed_config
 from orchestrator.faults import EXIT_REQUEUE
 from orchestrator.plan import Plan, validate_config
+from orchestrator.run_folder import prepare_run_dir, write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO_ROOT / "slurm"
@@ -369,20 +370,6 @@ def _read(path: Path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if path.suffix == ".sh":
-            os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sbatch(sbatch: str, script: Path, *, cwd: Path) -> str:
     try:
         result = subprocess.run(
@@ -437,8 +424,6 @@ def prepare(run_dir: Path, overrides: Sequence[str] = (), *, ntasks: int = 0) ->
     ``ntasks``: the job's task count (0: unknown), which must be the layout's
     world size. Returns a line saying what it did; ``ValueError`` for a bad config.
     """
-    from orchestrator.cli import prepare_run_dir  # see _compose
-
     path = run_dir / "config.yaml"
     if path.exists():
         plan = validate_config(load_config(path))
@@ -455,9 +440,6 @@ def prepare(run_dir: Path, overrides: Sequence[str] = (), *, ntasks: int = 0) ->
 
 
 def _compose(overrides: Sequence[str]) -> Config:
-    # orchestrator.cli imports this module (launcher=slurm); import it at call time.
-    from orchestrator.cli import compose_config
-
     return compose_config(overrides, conf_dir=REPO_ROOT / "conf")
 
 
@@ -472,8 +454,6 @@ def _check_ntasks(ntasks: int, plan: Plan) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``prepare`` and ``render-checked-in``; a bad setting is one ``error:`` line, exit 2."""
-    from orchestrator.cli import describe_error  # see _compose
-
     parser = argparse.ArgumentParser(prog="python -m orchestrator.slurm")
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="create or reuse RUN_DIR/config.yaml")

@@ -45,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,26 +60,11 @@ from orchestrator.status_ranks import (
     find_stragglers,
     read_heartbeats,
 )
-from orchestrator.status_view import plot, render
+from orchestrator.status_view import RunStatus, plot, render
 
 EXIT_BAD_INPUT = 2
 JOB_ID_FILES = ("job_id", "slurm_job_id")  # a plain job id, if the submitter recorded one
 _SLURM_OUT = re.compile(r"^slurm-(\d+)\.out$")
-
-
-@dataclass
-class RunStatus:
-    run_dir: Path
-    total_steps: int
-    job: str
-    ended: bool  # nothing more will happen without a new start
-    last: dict[str, Any] | None
-    last_valid: dict[str, Any] | None
-    checkpoint: str
-    beats: list[RankBeat]
-    stale: list[RankBeat] = field(default_factory=list)
-    stragglers: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
 
 
 def check_run_dir(run_dir: Path) -> None:

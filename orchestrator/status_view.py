@@ -4,18 +4,35 @@ from __future__ import annotations
 
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.metrics import format_duration, read_metrics
 
-if TYPE_CHECKING:  # status.py imports this module
-    from orchestrator.status import RunStatus
+if TYPE_CHECKING:
     from orchestrator.status_ranks import RankBeat
 
 STARTUP_PHASE = "start-up"  # the phases of a rank before its first step: "start-up: rendezvous"
 NAMED_RANKS = 8  # ranks named in the start-up line's smallest group
 LISTED = 16  # hang suspects or stragglers listed, then a count of the rest
+
+
+@dataclass
+class RunStatus:
+    """What ``orchestrator.status`` gathered about a run; ``render`` shows it."""
+
+    run_dir: Path
+    total_steps: int
+    job: str
+    ended: bool  # nothing more will happen without a new start
+    last: dict[str, Any] | None
+    last_valid: dict[str, Any] | None
+    checkpoint: str
+    beats: list[RankBeat]
+    stale: list[RankBeat] = field(default_factory=list)
+    stragglers: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
 
 def progress_bar(step: int, total: int, width: int = 30) -> str:

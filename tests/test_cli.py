@@ -10,7 +10,7 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from orchestrator import cli
+from orchestrator import cli, compose
 from tests.test_config import CONF_DIR, load
 
 RUN = CONF_DIR.parent / "launch" / "run.py"
@@ -110,7 +110,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], expected: s
 def test_describe_composition_errors(overrides: list[str], expected: str) -> None:
     with pytest.raises(HydraException) as info:
         load(*overrides)
-    line = cli.describe_error(info.value, conf_dir=CONF_DIR)
+    line = compose.describe_error(info.value, conf_dir=CONF_DIR)
     assert line.startswith(expected), line
     assert "\n" not in line
 

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from model_parallel.args import ModelArgs
-from orchestrator.cli import compose_config
+from orchestrator.compose import compose_config
 from orchestrator.config import ClusterConfig, Config, ModelConfig, ParallelConfig, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -11,72 +11,91 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import tokenize
+from pathlib import Path
 
 import pytest
 
 # (module, object, attribute, who relies on it and why)
 ATTRIBUTES = [
-    ("deepspeed.ops", None, "__compatible_ops__", "engine.init_deepspeed_comm: no shm op build"),
+    ("deepspeed.ops", None, "__compatible_ops__", "ds_compat.never_build_shm_comm"),
     (
         "deepspeed.runtime.engine",
         "DeepSpeedEngine",
         "buffered_allreduce_fallback",
-        "engine._skip_fallback_all_reduce: a no-op at dp 1",
+        "ds_compat.skip_fallback_all_reduce: a no-op at dp 1",
     ),
     (
         "deepspeed.runtime.engine",
         "DeepSpeedEngine",
         "clip_fp32_gradients",
-        "engine._skip_non_finite_steps_at_zero0: the norm before the clip",
+        "ds_compat.skip_non_finite_steps_at_zero0: the norm before the clip",
     ),
     (
         "deepspeed.runtime.zero.stage3",
         "DeepSpeedZeroOptimizer_Stage3",
         "_overflow_check_and_loss_scale_update",
-        "engine._check_overflow_in_every_dtype: ZeRO-3 skips NaN steps in bf16/fp32",
+        "ds_compat.check_overflow_in_every_dtype: ZeRO-3 skips NaN steps in bf16/fp32",
     ),
     (
         "deepspeed.runtime.zero.stage3",
         "DeepSpeedZeroOptimizer_Stage3",
         "_loss_scale_update_and_overflow_cleanup",
-        "engine._check_overflow_in_every_dtype",
+        "ds_compat.check_overflow_in_every_dtype",
     ),
     (
         "deepspeed.runtime.zero.stage3",
         "DeepSpeedZeroOptimizer_Stage3",
         "check_overflow",
-        "engine._check_overflow_in_every_dtype",
+        "ds_compat.check_overflow_in_every_dtype",
     ),
     (
         "deepspeed.runtime.zero.stage_1_and_2",
         "DeepSpeedZeroOptimizer",
         "update_lp_params",
-        "reshard._fill_zero12: bit16 weights from the fp32 slices",
+        "ds_compat.update_bit16_from_master: bit16 weights from the fp32 slices",
     ),
     (
         "deepspeed.runtime.bf16_optimizer",
         "BF16_Optimizer",
         "update_lp_params",
-        "reshard._fill_zero12",
+        "ds_compat.master_slices",
     ),
     (
         "deepspeed.utils.tensor_fragment",
         "tensor_fragment",
         "get_hp_fragment_address",
-        "reshard._fill_zero12: a parameter's place in its dp slice",
+        "ds_compat.master_slices: a parameter's place in its dp slice",
     ),
     (
         "deepspeed.runtime.pipe.module",
         "PipelineModule",
         "_partition_layers",
-        "pipeline.LlamaPipeline: our stage split replaces DeepSpeed's",
+        "ds_compat.FixedSplitPipelineModule: our stage split replaces DeepSpeed's",
     ),
-    ("deepspeed.runtime.pipe.module", "PipelineModule", "_set_bounds", "LlamaPipeline"),
+    (
+        "deepspeed.runtime.zero.stage3",
+        "DeepSpeedZeroOptimizer_Stage3",
+        "get_param_id",
+        "ds_compat.master_slices (ZeRO-3)",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3",
+        "DeepSpeedZeroOptimizer_Stage3",
+        "_get_param_partition_rank",
+        "ds_compat.master_slices (ZeRO-3): which dp rank holds a parameter's partition",
+    ),
+    (
+        "deepspeed.runtime.pipe.module",
+        "PipelineModule",
+        "_set_bounds",
+        "ds_compat.FixedSplitPipelineModule",
+    ),
     (
         "deepspeed.runtime.pipe.topology",
         "PipeModelDataParallelTopology",
         "get_coord",
-        "LlamaPipeline._partition_layers; test_layout's grid check",
+        "ds_compat.FixedSplitPipelineModule; test_layout's grid check",
     ),
 ]
 
@@ -86,85 +105,109 @@ SOURCE_TEXT = [
         "deepspeed.runtime.engine",
         "DeepSpeedEngine._take_model_step",
         "self.optimizer.overflow",
-        "engine._skip_non_finite_steps_at_zero0: a skip is counted and the lr held",
+        "ds_compat.skip_non_finite_steps_at_zero0: a skip is counted and the lr held",
     ),
     (
         "deepspeed.runtime.engine",
         "DeepSpeedEngine._take_model_step",
         "self.clip_fp32_gradients()",
-        "engine._skip_non_finite_steps_at_zero0",
+        "ds_compat.skip_non_finite_steps_at_zero0",
     ),
     (
         "deepspeed.runtime.engine",
         "DeepSpeedEngine._take_model_step",
         "self.optimizer._global_grad_norm",
-        "engine._skip_non_finite_steps_at_zero0: our norm reported as DeepSpeed's",
+        "ds_compat.skip_non_finite_steps_at_zero0: our norm reported as DeepSpeed's",
     ),
     (
         "deepspeed.runtime.zero.stage_1_and_2",
         "DeepSpeedZeroOptimizer.__init__",
         "self.single_partition_of_fp32_groups",
-        "reshard._fill_zero12, test_perf: ZeRO-1/2's fp32 slices",
+        "ds_compat.master_slices, test_perf: ZeRO-1/2's fp32 slices",
     ),
     (
         "deepspeed.runtime.zero.stage_1_and_2",
         "DeepSpeedZeroOptimizer.__init__",
         "self.bit16_groups",
-        "reshard._fill_zero12",
+        "ds_compat.master_slices",
     ),
     (
         "deepspeed.runtime.zero.stage_1_and_2",
         "DeepSpeedZeroOptimizer",
         "param_slice_mappings",
-        "reshard_source: the slices' offsets in ZeRO-1/2 checkpoint files",
+        "ds_compat's key names, read by reshard_source: the slices' offsets in ZeRO-1/2 checkpoint files",
     ),
     (
         "deepspeed.runtime.zero.stage_1_and_2",
         "DeepSpeedZeroOptimizer",
         "base_optimizer_state",
-        "reshard_source: Adam's moments in ZeRO-1/2 checkpoint files",
+        "ds_compat's key names, read by reshard_source: Adam's moments in ZeRO-1/2 checkpoint files",
     ),
     (
         "deepspeed.runtime.bf16_optimizer",
         "BF16_Optimizer.__init__",
         "self.fp32_groups_flat_partition",
-        "reshard._fill_zero12: bf16's fp32 slices",
+        "ds_compat.master_slices: bf16's fp32 slices",
     ),
     (
         "deepspeed.runtime.bf16_optimizer",
         "BF16_Optimizer.step",
         "is_invalid_grad_norm",
-        "numerics: bf16 ZeRO-1 skips a NaN/Inf step",
+        "numerics (no access): bf16 ZeRO-1 skips a NaN/Inf step by itself",
     ),
     (
         "deepspeed.runtime.zero.stage3",
         "DeepSpeedZeroOptimizer_Stage3.__init__",
         "self.fp32_partitioned_groups_flat",
-        "reshard._fill_zero3",
+        "ds_compat.master_slices (ZeRO-3)",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3",
+        "DeepSpeedZeroOptimizer_Stage3.__init__",
+        "self.fp16_partitioned_groups_flat",
+        "ds_compat.update_bit16_from_master (ZeRO-3)",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3",
+        "DeepSpeedZeroOptimizer_Stage3",
+        "self.grad_position",
+        "ds_compat.master_slices (ZeRO-3): a parameter's place in its partition",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3",
+        "DeepSpeedZeroOptimizer_Stage3",
+        "self.fp16_groups",
+        "ds_compat.master_slices (ZeRO-3)",
+    ),
+    (
+        "deepspeed.runtime.bf16_optimizer",
+        "BF16_Optimizer.__init__",
+        "self.bf16_groups",
+        "ds_compat.master_slices: bf16's parameter groups",
     ),
     (
         "deepspeed.runtime.pipe.module",
         "PipelineModule.__init__",
         "self._topo = topology",
-        "LlamaPipeline._partition_layers",
+        "ds_compat.FixedSplitPipelineModule",
     ),
     (
         "deepspeed.runtime.pipe.module",
         "PipelineModule.__init__",
         "self.forward_funcs",
-        "pipeline.load_stage_state_dict: the stage's layers",
+        "ds_compat.stage_modules: the stage's layers",
     ),
     (
         "deepspeed.runtime.fp16.loss_scaler",
         None,
         "cur_scale",
-        "monitor.loss_scale: fp16's dynamic loss scale",
+        "ds_compat.loss_scale: fp16's dynamic loss scale",
     ),
     (
         "deepspeed.checkpoint.constants",
         None,
         "PARAM_SHAPES = 'param_shapes'",
-        "reshard_source: a checkpoint's parameter shapes",
+        "ds_compat's key names, read by reshard_source: a checkpoint's parameter shapes",
     ),
 ]
 
@@ -199,3 +242,39 @@ def test_the_installed_deepspeed_is_the_pinned_one() -> None:
 
     major, minor = (int(x) for x in version("deepspeed").split(".")[:2])
     assert (major, minor) == (0, 19), "pyproject pins deepspeed>=0.19,<0.20"
+
+
+# The internals above, by the names our code spells them; only ds_compat may.
+_INTERNAL_NAMES = sorted(
+    {a for _, _, a, _ in ATTRIBUTES if a.startswith("_") or a in ("update_lp_params",)}
+    | {t.split(".")[-1].split(" ")[0].rstrip("()") for _, _, t, _ in SOURCE_TEXT if "self." in t}
+    | {"cur_scale", "param_shapes", "base_optimizer_state", "_hp_mapping", "ds_tensor"}
+)
+
+
+def _internal_uses(path: Path, shown: Path) -> list[str]:
+    """``.name`` attribute accesses and ``"name"`` string keys of the internals in ``path``."""
+    found, previous = [], None
+    with tokenize.open(path) as f:
+        for token in tokenize.generate_tokens(f.readline):
+            name = None
+            if token.type == tokenize.NAME and previous == ".":
+                name = token.string
+            elif token.type == tokenize.STRING and token.string[:1] in "\"'":
+                name = token.string.strip("\"'")
+            if name in _INTERNAL_NAMES:
+                found.append(f"{shown}:{token.start[0]}: {name}")
+            previous = token.string if token.type == tokenize.OP else None
+    return found
+
+
+def test_only_ds_compat_reaches_into_deepspeed() -> None:
+    root = Path(__file__).resolve().parents[1]
+    found = [
+        hit
+        for package in ("orchestrator", "model_parallel")
+        for path in sorted((root / package).rglob("*.py"))
+        if path.name != "ds_compat.py"
+        for hit in _internal_uses(path, path.relative_to(root))
+    ]
+    assert not found, "DeepSpeed internals outside ds_compat:\n" + "\n".join(found)

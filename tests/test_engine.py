@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model_parallel.args import ModelArgs
-from orchestrator.cli import compose_config
+from orchestrator.compose import compose_config
 from orchestrator.engine import deepspeed_config
 from orchestrator.plan import resolve_plan
 from orchestrator.schedule import lr_at

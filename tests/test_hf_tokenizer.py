@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from orchestrator.cli import compose_config
+from orchestrator.compose import compose_config
 from orchestrator.data.build import resolve_paths
 from orchestrator.data.hf_tokenizer import HFTokenizer
 from orchestrator.data.indexed import IndexedDataset

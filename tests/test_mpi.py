@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import compose_config, prepare_run_dir
+from orchestrator.compose import compose_config
 from orchestrator.dist_env import DistEnv
 from orchestrator.metrics import read_metrics
 from orchestrator.plan import validate_config
+from orchestrator.run_folder import prepare_run_dir
 from tests.launch import REPO, run_launch
 
 MPIEXEC = shutil.which("mpiexec")

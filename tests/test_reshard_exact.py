@@ -73,7 +73,7 @@ def _build_engine(rank: int, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
     from orchestrator import engine as ds_engine
-    from orchestrator.cli import compose_config
+    from orchestrator.compose import compose_config
     from orchestrator.plan import resolve_plan
     from orchestrator.train import build_model
 

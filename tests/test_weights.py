@@ -38,7 +38,7 @@ def _tiny_args():  # the config the runs use
 
 
 def load_config_from_overrides():
-    from orchestrator.cli import compose_config
+    from orchestrator.compose import compose_config
 
     return compose_config(BASE, conf_dir=REPO / "conf")
 
@@ -141,7 +141,7 @@ def test_gqa_llama3_import_into_a_pipeline_and_export(tmp_path: Path) -> None:
     tp2 x pp2 run from ``model=pretrained`` (each stage loads its replicated K/V from
     the full tensors): the first loss is transformers'; the checkpoint, merged with one copy per KV head,
     exports to a model from_pretrained loads and that agrees with ours."""
-    from orchestrator.cli import compose_config
+    from orchestrator.compose import compose_config
 
     args = compose_config([*BASE, *GQA], conf_dir=REPO / "conf").model.to_args()
     assert args.num_kv_heads == 1 and args.rope_scaling is not None

@@ -28,7 +28,7 @@ _CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 def main(argv: Sequence[str] | None = None) -> int:
     from hydra.errors import HydraException
 
-    from orchestrator.cli import compose_config, describe_error
+    from orchestrator.compose import compose_config, describe_error
     from orchestrator.data.build import prepare_index, resolve_paths
     from orchestrator.plan import validate_config
 
