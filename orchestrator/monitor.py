@@ -155,9 +155,15 @@ class Monitor:
     def close(self, *, phase: str = "exited") -> None:
         """Last heartbeat (status then knows this rank ended) and the sinks closed."""
         self.heartbeat.beat(self.last_step, phase)
-        if self.writer is not None:
-            self.writer.close()
-        for sink in self._sinks:
+        self.close_sinks()
+
+    def close_sinks(self) -> None:
+        """Close the metrics file and the sinks (again: nothing)."""
+        writer, sinks = self.writer, self._sinks
+        self.writer, self._sinks = None, []
+        if writer is not None:
+            writer.close()
+        for sink in sinks:
             sink.close()
 
     def _emit(self, step: int, scalars: dict[str, float | int | None]) -> None:

@@ -11,6 +11,7 @@ pipeline we average over micro-batches and dp ranks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -61,187 +62,199 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
     # its peers' watchdogs fire, so rank 0 can tell it from ranks waiting on it.
     beat_interval = min(cfg.faults.heartbeat_interval_s, cfg.faults.hang_timeout_s / 8)
     heartbeat = Heartbeat(run_dir, env.rank, interval_s=beat_interval)
-    watchdog = Watchdog(
-        heartbeat,
-        timeout_s=cfg.faults.hang_timeout_s,
-        startup_timeout_s=cfg.faults.startup_timeout_s,
-        world_size=env.world_size,
-        reporter=env.rank == 0,
-    ).start()
+    # A step that raises leaves nothing behind: torch.distributed unpatched, the
+    # watchdog stopped, the sinks closed (the normal end also beats "exited" and
+    # shuts the engine and process group down, which a failing rank must not wait on).
+    with contextlib.ExitStack() as undo:
+        watchdog = Watchdog(
+            heartbeat,
+            timeout_s=cfg.faults.hang_timeout_s,
+            startup_timeout_s=cfg.faults.startup_timeout_s,
+            world_size=env.world_size,
+            reporter=env.rank == 0,
+        ).start()
+        undo.callback(watchdog.stop)
 
-    def enter(phase: str, step: int = 0) -> None:
-        """The next start-up phase: in the heartbeat, under the watchdog's start-up limit."""
-        signals.phase = phase
-        watchdog.progress(step, phase_label(phase))
-        if env.rank == cfg.faults.inject_stall_rank and phase == cfg.faults.inject_stall_phase:
-            threading.Event().wait()  # a testing aid: stuck here for good
+        def enter(phase: str, step: int = 0) -> None:
+            """The next start-up phase: in the heartbeat, under the watchdog's start-up limit."""
+            signals.phase = phase
+            watchdog.progress(step, phase_label(phase))
+            if env.rank == cfg.faults.inject_stall_rank and phase == cfg.faults.inject_stall_phase:
+                threading.Event().wait()  # a testing aid: stuck here for good
 
-    enter("rendezvous")
-    # Collectives time out well after the watchdog, so its clearer message comes first.
-    device = init_process_group(env, timeout_s=2 * cfg.faults.hang_timeout_s)
-    enter("deepspeed comm")
-    ds_engine.init_deepspeed_comm()
-    plan = resolve_plan(cfg)
-    groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
-    _seed_everything(cfg.train.seed)
+        enter("rendezvous")
+        # Collectives time out well after the watchdog, so its clearer message comes first.
+        device = init_process_group(env, timeout_s=2 * cfg.faults.hang_timeout_s)
+        enter("deepspeed comm")
+        ds_engine.init_deepspeed_comm()
+        plan = resolve_plan(cfg)
+        groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
+        _seed_everything(cfg.train.seed)
 
-    enter("data indexes")
-    data, valid_data = build_sources(
-        cfg,
-        seq_len=plan.seq_len,
-        dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size,
-        global_batch=plan.global_batch_size,
-        micro_batch=plan.micro_batch_size,
-    )
-    enter("model build")
-    model = build_model(cfg, plan, groups)
-    if cfg.model.init_from and checkpoint.latest_tag(run_dir) is None:
-        enter("pretrained weights")
-        _load_pretrained(model, cfg)
-    model = model.to(device)
-    enter("engine")
-    engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
-    layout = checkpoint.LayoutRecord.from_plan(plan)
-    enter("checkpoint search")
-    tag = checkpoint.find_resumable(run_dir, layout) if cfg.run.resume == "auto" else None
-    start_step = 0
-    if tag is not None:
-        enter("re-shard" if _needs_reshard(run_dir, tag, layout) else "checkpoint load")
-        start_step = _restore(engine, cfg, plan, groups, run_dir, tag, data)
-    if env.rank == 0:
-        resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
-        log.info("\n%s", banner(cfg, plan, run_dir, resume=resume_point))
-    monitor = Monitor(cfg, plan, run_dir, rank=env.rank, device=device, heartbeat=heartbeat)
-
-    def evaluate(step: int, phase: str = "evaluation") -> None:
-        interval = cfg.train.eval_interval
-        if valid_data is None or not interval or (step % interval and step != cfg.train.steps):
-            return
-        watchdog.progress(step, phase)
-        loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
-        monitor.eval_done(step, loss)
-
-    def save(step: int) -> None:
-        watchdog.progress(step, "checkpoint save")
-        tokens = _consumed_tokens(data, plan)  # more than step x batch after a rollback
-        state = checkpoint.TrainingState(step, tokens, data.state_dict(), layout)
-        path = checkpoint.save(engine, run_dir, state, keep=cfg.checkpoint.keep)
-        log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
-
-    batches = iter(data)
-    guard = NumericsGuard(
-        max_consecutive_skips=cfg.faults.max_consecutive_skips,
-        spike_factor=cfg.faults.spike_factor,
-        spike_window=cfg.faults.spike_window,
-        fp16=cfg.train.precision == "fp16",
-    )
-    fault = LossFault(
-        nan_at=cfg.faults.inject_nan_at_steps,
-        inf_grad_at=cfg.faults.inject_inf_grad_at_steps,
-        spike_at=cfg.faults.inject_spike_at_steps,
-        only_rank=cfg.faults.inject_rank,
-        rank=env.rank,
-    )
-    if isinstance(model, LlamaPipeline) and fault.active:
-        model.loss_fn.hook = fault  # the last stage computes each micro-batch's loss
-    stopping = save_failed = False
-    if start_step == 0:
-        evaluate(0, phase_label("first evaluation"))
-    step = start_step
-    enter("first step", step)  # compiling, the first pass of every collective
-    signals.stop()
-    stop = StopRequest()  # from now on a stop signal is honoured at the end of a step
-    comm_wait = CommWaitClock().install()  # busy = step - waits: the straggler signal
-    while step < cfg.train.steps:
-        if not watchdog.in_startup:
-            watchdog.progress(step, f"training step {step + 1}")
-        start, waited_before = time.perf_counter(), comm_wait.total
-        if env.rank == cfg.faults.inject_slow_rank:
-            time.sleep(cfg.faults.inject_slow_s)  # a testing aid: a straggler
-        lr = engine.get_lr()[0]
-        skips_before = engine.skipped_steps
-        fault.arm(int(data.state_dict()["position"]) // plan.num_micro_batches + 1)
-        if plan.pp > 1:
-            loss = float(engine.train_batch(data_iter=batches))
-            grad_norm = engine.get_global_grad_norm()
-        else:
-            loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, fault)
-        elapsed = time.perf_counter() - start
-        watchdog.end_startup()
-        waited = comm_wait.total - waited_before
-        done = step + 1
-        # Every rank the same verdict, whichever rank saw the fault.
-        seen, skipped = agree(loss, skipped=engine.skipped_steps > skips_before, device=device)
-        verdict = guard.observe(seen, skipped=skipped)
-        scale = loss_scale(engine, cfg.train.precision)
-        monitor.step_done(
-            step=done,
-            loss=seen,
-            lr=lr,
-            grad_norm=None if grad_norm is None else float(grad_norm),
-            elapsed=elapsed,
-            comm_wait=waited,
-            consumed_tokens=_consumed_tokens(data, plan),
-            skipped_steps=guard.skipped_total,
-            loss_scale=scale,
-            scaler_skips=guard.scaler_skips,
-            log_now=verdict.skipped
-            or done % cfg.train.log_interval == 0
-            or done == cfg.train.steps,
+        enter("data indexes")
+        data, valid_data = build_sources(
+            cfg,
+            seq_len=plan.seq_len,
+            dp_rank=groups.dp_rank,
+            dp_size=groups.dp_size,
+            global_batch=plan.global_batch_size,
+            micro_batch=plan.micro_batch_size,
         )
-        if verdict.scaler:
-            log.info(
-                "step %d/%d | fp16 loss scale overflow: not applied, scale now %s "
-                "(scaler skips so far: %d; not bad steps)",
-                done,
-                cfg.train.steps,
-                scale,
-                guard.scaler_skips,
-            )
-        elif verdict.skipped:
-            log.warning(
-                "step %d/%d | skipped: loss %s, grad_norm %s (not applied)",
-                done,
-                cfg.train.steps,
-                seen,
-                grad_norm,
-            )
-        if verdict.rollback:
-            step = _roll_back(engine, cfg, plan, groups, run_dir, data, verdict.rollback, done)
-            guard.after_rollback()
-            continue
-        evaluate(done)
-        interval = cfg.checkpoint.interval
-        stopping = stop.agreed() and done < cfg.train.steps
-        exiting = done == cfg.train.exit_at_step
-        if done == cfg.train.steps or stopping or exiting or (interval and done % interval == 0):
-            try:
-                save(done)
-            except checkpoint.CheckpointSaveError as exc:  # on every rank: end the run
-                log.error("step %d/%d | %s", done, cfg.train.steps, exc)
-                save_failed = True
-                break
-        if stopping:
-            log.warning(
-                "step %d/%d | stopped by signal %s: checkpoint written, exiting for requeue",
-                done,
-                cfg.train.steps,
-                stop.signal or "(another rank's)",
-            )
-            break
-        if exiting:
-            log.info("step %d/%d | train.exit_at_step reached", done, cfg.train.steps)
-            break
-        step = done
+        enter("model build")
+        model = build_model(cfg, plan, groups)
+        if cfg.model.init_from and checkpoint.latest_tag(run_dir) is None:
+            enter("pretrained weights")
+            _load_pretrained(model, cfg)
+        model = model.to(device)
+        enter("engine")
+        engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
+        layout = checkpoint.LayoutRecord.from_plan(plan)
+        enter("checkpoint search")
+        tag = checkpoint.find_resumable(run_dir, layout) if cfg.run.resume == "auto" else None
+        start_step = 0
+        if tag is not None:
+            enter("re-shard" if _needs_reshard(run_dir, tag, layout) else "checkpoint load")
+            start_step = _restore(engine, cfg, plan, groups, run_dir, tag, data)
+        if env.rank == 0:
+            resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
+            log.info("\n%s", banner(cfg, plan, run_dir, resume=resume_point))
+        monitor = Monitor(cfg, plan, run_dir, rank=env.rank, device=device, heartbeat=heartbeat)
+        undo.callback(monitor.close_sinks)
 
-    comm_wait.uninstall()
-    watchdog.stop()
-    monitor.close()
-    _shutdown(engine)
-    if save_failed:
-        return EXIT_SAVE_FAILED
-    return EXIT_REQUEUE if stopping else 0
+        def evaluate(step: int, phase: str = "evaluation") -> None:
+            interval = cfg.train.eval_interval
+            if valid_data is None or not interval or (step % interval and step != cfg.train.steps):
+                return
+            watchdog.progress(step, phase)
+            loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
+            monitor.eval_done(step, loss)
+
+        def save(step: int) -> None:
+            watchdog.progress(step, "checkpoint save")
+            tokens = _consumed_tokens(data, plan)  # more than step x batch after a rollback
+            state = checkpoint.TrainingState(step, tokens, data.state_dict(), layout)
+            path = checkpoint.save(engine, run_dir, state, keep=cfg.checkpoint.keep)
+            log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
+
+        batches = iter(data)
+        guard = NumericsGuard(
+            max_consecutive_skips=cfg.faults.max_consecutive_skips,
+            spike_factor=cfg.faults.spike_factor,
+            spike_window=cfg.faults.spike_window,
+            fp16=cfg.train.precision == "fp16",
+        )
+        fault = LossFault(
+            nan_at=cfg.faults.inject_nan_at_steps,
+            inf_grad_at=cfg.faults.inject_inf_grad_at_steps,
+            spike_at=cfg.faults.inject_spike_at_steps,
+            only_rank=cfg.faults.inject_rank,
+            rank=env.rank,
+        )
+        if isinstance(model, LlamaPipeline) and fault.active:
+            model.loss_fn.hook = fault  # the last stage computes each micro-batch's loss
+        stopping = save_failed = False
+        if start_step == 0:
+            evaluate(0, phase_label("first evaluation"))
+        step = start_step
+        enter("first step", step)  # compiling, the first pass of every collective
+        signals.stop()
+        stop = StopRequest()  # from now on a stop signal is honoured at the end of a step
+        comm_wait = CommWaitClock().install()  # busy = step - waits: the straggler signal
+        undo.callback(comm_wait.uninstall)
+        while step < cfg.train.steps:
+            if not watchdog.in_startup:
+                watchdog.progress(step, f"training step {step + 1}")
+            start, waited_before = time.perf_counter(), comm_wait.total
+            if env.rank == cfg.faults.inject_slow_rank:
+                time.sleep(cfg.faults.inject_slow_s)  # a testing aid: a straggler
+            lr = engine.get_lr()[0]
+            skips_before = engine.skipped_steps
+            fault.arm(int(data.state_dict()["position"]) // plan.num_micro_batches + 1)
+            if plan.pp > 1:
+                loss = float(engine.train_batch(data_iter=batches))
+                grad_norm = engine.get_global_grad_norm()
+            else:
+                loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, fault)
+            elapsed = time.perf_counter() - start
+            watchdog.end_startup()
+            waited = comm_wait.total - waited_before
+            done = step + 1
+            # Every rank the same verdict, whichever rank saw the fault.
+            seen, skipped = agree(loss, skipped=engine.skipped_steps > skips_before, device=device)
+            verdict = guard.observe(seen, skipped=skipped)
+            scale = loss_scale(engine, cfg.train.precision)
+            monitor.step_done(
+                step=done,
+                loss=seen,
+                lr=lr,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                elapsed=elapsed,
+                comm_wait=waited,
+                consumed_tokens=_consumed_tokens(data, plan),
+                skipped_steps=guard.skipped_total,
+                loss_scale=scale,
+                scaler_skips=guard.scaler_skips,
+                log_now=verdict.skipped
+                or done % cfg.train.log_interval == 0
+                or done == cfg.train.steps,
+            )
+            if verdict.scaler:
+                log.info(
+                    "step %d/%d | fp16 loss scale overflow: not applied, scale now %s "
+                    "(scaler skips so far: %d; not bad steps)",
+                    done,
+                    cfg.train.steps,
+                    scale,
+                    guard.scaler_skips,
+                )
+            elif verdict.skipped:
+                log.warning(
+                    "step %d/%d | skipped: loss %s, grad_norm %s (not applied)",
+                    done,
+                    cfg.train.steps,
+                    seen,
+                    grad_norm,
+                )
+            if verdict.rollback:
+                step = _roll_back(engine, cfg, plan, groups, run_dir, data, verdict.rollback, done)
+                guard.after_rollback()
+                continue
+            evaluate(done)
+            interval = cfg.checkpoint.interval
+            stopping = stop.agreed() and done < cfg.train.steps
+            exiting = done == cfg.train.exit_at_step
+            if (
+                done == cfg.train.steps
+                or stopping
+                or exiting
+                or (interval and done % interval == 0)
+            ):
+                try:
+                    save(done)
+                except checkpoint.CheckpointSaveError as exc:  # on every rank: end the run
+                    log.error("step %d/%d | %s", done, cfg.train.steps, exc)
+                    save_failed = True
+                    break
+            if stopping:
+                log.warning(
+                    "step %d/%d | stopped by signal %s: checkpoint written, exiting for requeue",
+                    done,
+                    cfg.train.steps,
+                    stop.signal or "(another rank's)",
+                )
+                break
+            if exiting:
+                log.info("step %d/%d | train.exit_at_step reached", done, cfg.train.steps)
+                break
+            step = done
+
+        comm_wait.uninstall()
+        watchdog.stop()
+        monitor.close()
+        _shutdown(engine)
+        if save_failed:
+            return EXIT_SAVE_FAILED
+        return EXIT_REQUEUE if stopping else 0
 
 
 def _load_pretrained(model: torch.nn.Module, cfg: Config) -> None:

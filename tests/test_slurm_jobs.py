@@ -266,7 +266,9 @@ def test_time_limit_signal_checkpoints_and_requeues(
     assert "exiting for requeue" in text, text[-2000:]
     stopped_at = int(text.split("resumed from step_")[1].split()[0])
     first_run = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] <= stopped_at]
-    assert stopped_at >= 10 and len(first_run) >= stopped_at  # it trained until the signal
+    # it trained until the signal (how far depends on how long start-up took: 3 steps
+    # once on a loaded machine, dozens when idle), then checkpointed there
+    assert stopped_at >= 1 and len(first_run) >= stopped_at
 
 
 def test_run_py_started_by_srun_trains_as_one_rank_per_task(
