@@ -248,9 +248,8 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
                 break
             step = done
 
-        comm_wait.uninstall()
-        watchdog.stop()
-        monitor.close()
+        monitor.close()  # the last heartbeat says "exited"
+        undo.close()  # collectives unpatched, watchdog stopped
         _shutdown(engine)
         if save_failed:
             return EXIT_SAVE_FAILED

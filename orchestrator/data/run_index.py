@@ -164,11 +164,11 @@ def _build(spec: IndexSpec, folder: Path) -> None:
         save(f"held_out_gaps_{i}", held_out[-1] - np.arange(len(held_out[-1]), dtype=np.int32))
     for split, want in zip(SPLITS, (spec.num_train_samples, spec.num_valid_samples), strict=True):
         valid = split == "valid"
-        counts_of = [
+        in_split = [
             len(h) if valid else len(z) - len(h)
             for h, z in zip(held_out, sizes_per_source, strict=True)
         ]
-        members = [i for i in range(len(spec.sources)) if want and counts_of[i]]
+        members = [i for i, docs in enumerate(in_split) if want and docs]
         splits[split] = {"sources": members, "num_samples": want if members else 0}
         if not members:
             continue
@@ -308,19 +308,17 @@ def _epoch_order(n: int, rng: np.random.Generator, *, out: np.ndarray) -> None:
     run_order = rng.permutation(runs).astype(np.int32)
     orders = np.argsort(rng.random((_RUN_ORDERS, DOC_RUN)), axis=1).astype(np.int32)
     choice = rng.integers(0, _RUN_ORDERS, runs, dtype=np.uint8)
-    if not short:
-        rows = out.reshape(runs, DOC_RUN)
-        np.take(orders, choice, axis=0, out=rows)
-        rows += (run_order * DOC_RUN)[:, None]
-        return
-    # the short last run (positions >= n dropped) sits at place q of the run order
-    q = int(np.flatnonzero(run_order == runs - 1)[0])
-    for lo, hi, at in ((0, q, 0), (q + 1, runs, q * DOC_RUN + short)):
+    # the full runs, written in place: all of them, or those before and after the
+    # short last run's place q in the run order (its positions >= n dropped)
+    q = int(np.flatnonzero(run_order == runs - 1)[0]) if short else runs
+    spans = [(0, q, 0)] + ([(q + 1, runs, q * DOC_RUN + short)] if short else [])
+    for lo, hi, at in spans:
         rows = out[at : at + (hi - lo) * DOC_RUN].reshape(hi - lo, DOC_RUN)
         np.take(orders, choice[lo:hi], axis=0, out=rows)
         rows += (run_order[lo:hi] * DOC_RUN)[:, None]
-    last = orders[choice[q]] + (runs - 1) * DOC_RUN
-    out[q * DOC_RUN : q * DOC_RUN + short] = last[last < n]
+    if short:
+        last = orders[choice[q]] + (runs - 1) * DOC_RUN
+        out[q * DOC_RUN : q * DOC_RUN + short] = last[last < n]
 
 
 class RunIndex:
