@@ -26,7 +26,7 @@ from model_parallel.groups import ProcessGroups
 from model_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from model_parallel.llama import RMSNorm, TransformerBlock, init_parameters
 from model_parallel.mappings import Group, group_size
-from orchestrator.ds_compat import FixedSplitPipelineModule, stage_modules
+from orchestrator.ds_compat.pipeline import FixedSplitPipelineModule, stage_modules
 
 
 class EmbeddingPipe(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.data import megatron_helpers, sample_indices
+from orchestrator.data import doc_order, megatron_helpers, sample_indices
 from orchestrator.data import run_index as run_index_module
 from orchestrator.data.blend import Blend, blend_period, integer_weights
 from orchestrator.data.indexed import (
@@ -254,7 +254,7 @@ def test_samples_pack_documents_across_boundaries(tmp_path: Path) -> None:
         num_docs = len(IndexedDataset(source.shards[0]))
         order = index.document_order("train", i)
         rng = run_index_module._seed(9, source.name, run_index_module._KIND_SPLIT, 0)
-        valid = run_index_module._held_out(num_docs, 0.1, rng)
+        valid = doc_order.held_out_documents(num_docs, 0.1, rng)
         train_docs = np.setdiff1d(np.arange(num_docs), valid)
         assert len(valid) == round(num_docs * 0.1)
         assert np.isin(index.document_order("valid", i), valid).all()  # validation reads only those
@@ -270,9 +270,9 @@ def test_samples_pack_documents_across_boundaries(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("n", [1, 5, 16, 100, 4099])
 def test_an_epoch_is_a_permutation_of_runs_of_documents(n: int) -> None:
-    run = run_index_module.DOC_RUN
+    run = doc_order.DOC_RUN
     order = np.empty(n, dtype=np.int32)
-    run_index_module._epoch_order(n, np.random.default_rng(3), out=order)
+    doc_order.epoch_order(n, np.random.default_rng(3), out=order)
     assert np.array_equal(np.sort(order), np.arange(n))
     # cut where a run ends in the order: each piece is one whole run, in some order
     runs_in_order = order // run
@@ -285,18 +285,18 @@ def test_an_epoch_is_a_permutation_of_runs_of_documents(n: int) -> None:
         assert not np.array_equal(np.sort(runs_in_order), runs_in_order)
         assert sum(not np.array_equal(np.sort(x), x) for x in pieces) > len(pieces) // 2
         again = np.empty(n, dtype=np.int32)
-        run_index_module._epoch_order(n, np.random.default_rng(4), out=again)
+        doc_order.epoch_order(n, np.random.default_rng(4), out=again)
         assert not np.array_equal(order, again)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.3])
 def test_split_documents_map_positions_to_numbers(fraction: float) -> None:
     n = 1000
-    held = run_index_module._held_out(n, fraction, np.random.default_rng(0))
+    held = doc_order.held_out_documents(n, fraction, np.random.default_rng(0))
     gaps = held - np.arange(len(held), dtype=np.int32)
     train = np.setdiff1d(np.arange(n), held)
     for valid, numbers in ((False, train), (True, held)):
-        members = run_index_module.SplitDocuments(gaps, valid=valid)
+        members = doc_order.SplitDocuments(gaps, valid=valid)
         assert np.array_equal(members.numbers(np.arange(len(numbers))), numbers)
         assert [members.number(p) for p in range(len(numbers))] == numbers.tolist()
 

@@ -9,7 +9,7 @@ Megatron's ``GPTDataset``:
   keeps the shorter one's epochs) made of runs of ``DOC_RUN`` documents: the
   split's documents cut into runs of 16 consecutive ones, the runs in a
   uniformly random order, each run in one of 256 random orders of its own
-  (see ``_epoch_order`` for why not a uniform permutation of documents);
+  (see ``doc_order.epoch_order`` for why not a uniform permutation of documents);
 * ``sample``: Megatron's sample index (megatron-core's C++ builder): row ``j``
   is (position in ``doc``, token offset) where sample ``j`` starts; samples
   are ``seq_len + 1`` tokens across document boundaries, consecutive ones
@@ -52,6 +52,7 @@ import numpy as np
 
 from orchestrator.data import megatron_helpers
 from orchestrator.data.blend import Blend
+from orchestrator.data.doc_order import DOC_RUN, SplitDocuments, epoch_order, held_out_documents
 from orchestrator.data.indexed import IndexedDataset, shard_paths
 from orchestrator.data.packing import SampleOrder
 
@@ -60,8 +61,6 @@ log = logging.getLogger("orchestrator.data.run_index")
 FORMAT_VERSION = 3  # 2: the blend is stored as one period; 3: documents in runs
 SPLITS = ("train", "valid")
 _KIND_EPOCH, _KIND_SPLIT = 0, 2
-DOC_RUN = 16  # documents kept together in an epoch's order: one 64-byte line of lengths
-_RUN_ORDERS = 256  # the orders a run's documents are drawn from
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ def _build(spec: IndexSpec, folder: Path) -> None:
         save(f"shard_starts_{i}", starts)
         sizes_per_source.append(sizes)
         rng = _seed(spec.split_seed, source.name, _KIND_SPLIT, 0)
-        held_out.append(_held_out(len(sizes), spec.valid_fraction, rng))
+        held_out.append(held_out_documents(len(sizes), spec.valid_fraction, rng))
         save(f"held_out_gaps_{i}", held_out[-1] - np.arange(len(held_out[-1]), dtype=np.int32))
     for split, want in zip(SPLITS, (spec.num_train_samples, spec.num_valid_samples), strict=True):
         valid = split == "valid"
@@ -223,40 +222,6 @@ def _source_sizes(source: SourceSpec) -> tuple[np.ndarray, np.ndarray]:
     return starts, sizes
 
 
-def _held_out(num_docs: int, valid_fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """The validation split's document numbers, sorted: a seeded choice of them."""
-    num_valid = int(round(num_docs * valid_fraction))
-    if valid_fraction > 0 and num_docs > 1:
-        num_valid = max(num_valid, 1)
-    return np.sort(rng.choice(num_docs, num_valid, replace=False)).astype(np.int32)
-
-
-class SplitDocuments:
-    """A split's document numbers from their positions in it (``position -> number``).
-
-    Made from the held-out documents' gaps (``gaps[i]``: how many training
-    documents come before the ``i``-th held-out one), a small array: the
-    ``p``-th validation document is ``gaps[p] + p``, the ``p``-th training one
-    ``p`` plus the number of held-out documents before it.
-    """
-
-    def __init__(self, gaps: np.ndarray, *, valid: bool) -> None:
-        self.gaps = gaps
-        self.valid = valid
-
-    def number(self, position: int) -> int:
-        if self.valid:
-            return int(self.gaps[position]) + position
-        return position + int(np.searchsorted(self.gaps, position, side="right"))
-
-    def numbers(self, positions: np.ndarray) -> np.ndarray:
-        """``number`` of each position (int64)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        if self.valid:
-            return self.gaps[positions].astype(np.int64) + positions
-        return positions + np.searchsorted(self.gaps, positions, side="right")
-
-
 def _source_index(
     name: str, sizes: np.ndarray, *, seq_len: int, num_samples: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -276,49 +241,12 @@ def _source_index(
     epochs = max(1, -(-(num_samples * seq_len + 1) // tokens_per_epoch))
     doc = np.empty(epochs * n, dtype=np.int32)
     for epoch in range(epochs):
-        _epoch_order(n, _seed(seed, name, _KIND_EPOCH, epoch), out=doc[epoch * n : (epoch + 1) * n])
+        epoch_order(n, _seed(seed, name, _KIND_EPOCH, epoch), out=doc[epoch * n : (epoch + 1) * n])
     sample_idx = megatron_helpers.build_sample_idx(
         sizes, doc, seq_len=seq_len, num_samples=num_samples
     )
     last = int(sample_idx[-1, 0]) + 1  # documents past the last sample are never read
     return doc[:last], sample_idx
-
-
-def _epoch_order(n: int, rng: np.random.Generator, *, out: np.ndarray) -> None:
-    """Writes into ``out`` a seeded order of ``n`` positions, in runs of ``DOC_RUN`` consecutive ones.
-
-    The positions are cut into runs (``0..15``, ``16..31``, ...; the last may
-    be short); the runs come in a uniformly random order, and each run's
-    positions in one of ``_RUN_ORDERS`` random orders of ``DOC_RUN``, drawn
-    per run. Not a uniform permutation of the documents, by choice: at
-    LLaMA's scale (about 1B documents consumed per run) a uniform shuffle
-    costs 50-100 ns a document on one core (every swap a cache miss) and
-    makes the sample index's walk over the lengths miss the cache too, which
-    together were most of a 717M-sample build's 145 s; runs of 16 cost a
-    few ns a document, and the lengths of a run share one cache line.
-
-    What it gives up: documents within 16 of each other in a shard stay
-    within 16 of each other in an epoch (each epoch in a new order). The
-    samples are read in a seeded order over blocks of 4M samples
-    (``packing.SampleOrder``), so a global batch of 2,048 holds a few pairs
-    of samples from one run of 16 documents, where a uniform document order
-    would hold a fraction of a pair from one document.
-    """
-    runs, short = -(-n // DOC_RUN), n % DOC_RUN
-    run_order = rng.permutation(runs).astype(np.int32)
-    orders = np.argsort(rng.random((_RUN_ORDERS, DOC_RUN)), axis=1).astype(np.int32)
-    choice = rng.integers(0, _RUN_ORDERS, runs, dtype=np.uint8)
-    # the full runs, written in place: all of them, or those before and after the
-    # short last run's place q in the run order (its positions >= n dropped)
-    q = int(np.flatnonzero(run_order == runs - 1)[0]) if short else runs
-    spans = [(0, q, 0)] + ([(q + 1, runs, q * DOC_RUN + short)] if short else [])
-    for lo, hi, at in spans:
-        rows = out[at : at + (hi - lo) * DOC_RUN].reshape(hi - lo, DOC_RUN)
-        np.take(orders, choice[lo:hi], axis=0, out=rows)
-        rows += (run_order[lo:hi] * DOC_RUN)[:, None]
-    if short:
-        last = orders[choice[q]] + (runs - 1) * DOC_RUN
-        out[q * DOC_RUN : q * DOC_RUN + short] = last[last < n]
 
 
 class RunIndex:

@@ -13,22 +13,24 @@ this module relies on, so a missing one fails by name in seconds.
 Grouped by who needs it: start-up (no shm op build), the engine's step
 (NaN/Inf skips, the dp-1 all-reduce), the monitor (fp16's loss scale),
 re-sharding (the optimiser's fp32 master slices), checkpoint files (key
-names), pipeline stages (our split instead of DeepSpeed's).
+names), and, in ``ds_compat.pipeline``, pipeline stages (our split instead of
+DeepSpeed's).
 
-It imports only DeepSpeed and torch (never the rest of ``orchestrator``), so
-``model_parallel.pipeline`` takes its stage-split base class from here; the
-login node's modules do not import it (``import deepspeed`` is slow and prints).
+This module imports DeepSpeed only inside the functions that need it
+(``import deepspeed`` takes seconds and prints), so a tool that only reads
+checkpoint files does not pay for it; ``ds_compat.pipeline`` subclasses
+DeepSpeed's ``PipelineModule`` and so imports it. Neither imports the rest of
+``orchestrator``: ``model_parallel.pipeline`` takes its base class from here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from deepspeed.pipe import PipelineModule
 from torch import nn
 
 # --- start-up ---------------------------------------------------------------------------
@@ -200,30 +202,3 @@ OPTIMIZER_STATE_DICT = "optimizer_state_dict"  # deepspeed.checkpoint.constants
 FP32_SLICES = "single_partition_of_fp32_groups"  # each group's fp32 slice of this dp rank
 SLICE_MAPPINGS = "param_slice_mappings"  # each parameter's offset in that slice
 BASE_OPTIMIZER_STATE = "base_optimizer_state"  # Adam's moments of the slices
-
-
-# --- pipeline stages --------------------------------------------------------------------
-
-
-class FixedSplitPipelineModule(PipelineModule):
-    """DeepSpeed's ``PipelineModule`` with the stage split given, not computed.
-
-    DeepSpeed's ``partition_method`` balances layers by count or parameters;
-    the plan chooses the split (the embedding and the head weigh differently
-    on each stage), so ``_partition_layers``, which DeepSpeed calls from
-    ``__init__``, is replaced: stage ``s`` holds layers
-    ``parts[s]:parts[s + 1]``. Set ``_parts`` before calling
-    ``super().__init__``.
-    """
-
-    _parts: list[int]
-
-    def _partition_layers(self, method: str = "uniform") -> None:
-        self.parts = self._parts
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-
-def stage_modules(pipeline: PipelineModule) -> Iterator[nn.Module]:
-    """The layers this rank's stage built, in order (DeepSpeed's ``forward_funcs``)."""
-    yield from pipeline.forward_funcs
