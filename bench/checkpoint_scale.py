@@ -11,7 +11,7 @@ written in full (stage 0, tp ranks 0 and 1, all 64 dp files each); the reader
 opens nothing else.
 
 One rank of the target layout tp4pp8dp64 (the same 2,048 GPUs) then loads its
-part exactly as ``orchestrator.reshard`` does (``_Local.flat`` into its own
+part exactly as ``orchestrator.state.reshard`` does (``_Local.flat`` into its own
 ZeRO-1 slice of fp32 weights and both moments) with the page cache of the
 source files dropped first (``posix_fadvise(DONTNEED)``), and we measure:
 
@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from model_parallel.args import ModelArgs  # noqa: E402
-from orchestrator import integrity  # noqa: E402
-from orchestrator.reshard import _Local  # noqa: E402
-from orchestrator.reshard_source import SourceCheckpoint  # noqa: E402
-from orchestrator.weights import tp_dim  # noqa: E402
+from orchestrator.state import integrity  # noqa: E402
+from orchestrator.state.reshard import _Local  # noqa: E402
+from orchestrator.state.reshard_source import SourceCheckpoint  # noqa: E402
+from orchestrator.state.weights import tp_dim  # noqa: E402
 
 DIM, FFN, VOCAB, N_HEADS = 8192, 22016, 32000, 64
 SRC = {"tp": 8, "pp": 4, "dp": 64}
@@ -286,7 +286,7 @@ def load_target_rank(folder: Path, n_layers: int, *, dp_rank: int) -> dict[str, 
 def checksum_costs(folder: Path) -> dict[str, float]:
     """Save one rank's optimiser file plain and with the CRC-32; re-read it with the CRC-32."""
     source = next(folder.glob("zero_pp_rank_0_mp_rank_00_optim_states.pt"))
-    from orchestrator.safe_load import safe_load
+    from orchestrator.state.safe_load import safe_load
 
     state = safe_load(source)
     out: dict[str, float] = {"file_bytes": source.stat().st_size}

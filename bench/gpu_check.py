@@ -309,8 +309,8 @@ def _sdpa_check(device: Any, *, tiny: bool) -> dict[str, Any]:
 def _optimizer_check(device: Any) -> str:
     import torch
 
-    from orchestrator.config import Config, TrainConfig
-    from orchestrator.engine import build_optimizer
+    from orchestrator.config.schema import Config, TrainConfig
+    from orchestrator.runtime.engine import build_optimizer
 
     model = torch.nn.Linear(64, 64).to(device)
     cfg = Config(train=TrainConfig(steps=1, global_batch_size=1, lr=1e-3))
@@ -332,9 +332,9 @@ def part_compiled_trainer(opts: argparse.Namespace) -> dict[str, Any]:
 
 def _trainer_run(opts: argparse.Namespace, *, name: str, extra: list[str]) -> dict[str, Any]:
     """The real trainer for a few steps; its recorded peak memory against the plan's."""
-    from orchestrator import perf
-    from orchestrator.compose import compose_config
-    from orchestrator.plan import validate_config
+    from orchestrator.config.compose import compose_config
+    from orchestrator.planning import perf
+    from orchestrator.planning.plan import validate_config
 
     base = CPU_TRAIN if opts.cpu_smoke else GPU_TRAIN + [f"cluster={opts.cluster}"]
     overrides = base + COMMON_TRAIN + extra
@@ -350,7 +350,7 @@ def _trainer_run(opts: argparse.Namespace, *, name: str, extra: list[str]) -> di
 def _train_in_scratch(name: str, overrides: list[str]) -> tuple[int, list[dict[str, Any]]]:
     """``launch/run.py`` with its run directory in scratch space: the exit code and the
     metrics records; the directory is removed (its checkpoint: GBs for the 1B model)."""
-    from orchestrator.metrics import read_metrics
+    from orchestrator.status.metrics import read_metrics
 
     run_dir = _scratch_dir() / f"gpu_check_{name}_{os.getpid()}"
     cmd = [sys.executable, "launch/run.py", *overrides, f"run.dir={run_dir}"]
@@ -383,7 +383,7 @@ def fp16_overrides(cluster: str) -> list[str]:
 
 
 def part_fp16_skips(opts: argparse.Namespace) -> dict[str, Any]:
-    """fp16's loss-scaler skips are not bad steps; a NaN loss is (orchestrator.numerics)."""
+    """fp16's loss-scaler skips are not bad steps; a NaN loss is (orchestrator.runtime.numerics)."""
     if opts.cpu_smoke:
         print("fp16_skips: fp16 needs a GPU (train.precision=fp16 is refused on a CPU)")
         return {"skipped": "fp16 needs a GPU"}
@@ -466,7 +466,7 @@ def part_throughput_compile(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def _throughput(opts: argparse.Namespace, runners: list[str]) -> dict[str, Any]:
-    from orchestrator.compose import compose_config
+    from orchestrator.config.compose import compose_config
 
     peak = compose_config([f"cluster={opts.cluster}"], conf_dir=REPO / "conf").cluster.peak_tflops
     rows_path = opts.out / f"rows_{os.getpid()}.json"

@@ -1,7 +1,7 @@
 """The plan's tokens/s per device against short real runs on this machine.
 
 Each case is a ``launch/run.py`` command. The planned figure is the plan's
-(``orchestrator.perf.estimate`` of the composed config, as the command prints
+(``orchestrator.planning.perf.estimate`` of the composed config, as the command prints
 it, with this host's measured peaks and gloo costs from the cache or probed
 now); the measured one is the median ``step_time_s`` of the run's
 ``metrics.jsonl`` over the logged intervals after ``--skip`` steps, as tokens
@@ -33,9 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator import perf  # noqa: E402
-from orchestrator.compose import compose_config  # noqa: E402
-from orchestrator.plan import validate_config  # noqa: E402
+from orchestrator.config.compose import compose_config  # noqa: E402
+from orchestrator.planning import perf  # noqa: E402
+from orchestrator.planning.plan import validate_config  # noqa: E402
 
 SIXTY_M = (
     "model=tiny",

@@ -19,7 +19,7 @@ Then it times, in this process:
   every heartbeat and appends metrics rows (what 10 s of a run writes), then
   one refresh of the same ``StatusReader`` (best and worst of ``--repeat``);
 - the command itself (``python -m orchestrator.status DIR``, warm), most of it
-  importing torch (``orchestrator.checkpoint`` and ``orchestrator.metrics``
+  importing torch (``orchestrator.state.checkpoint`` and ``orchestrator.status.metrics``
   import it).
 
 It checks that the stale rank is named as a hang suspect, that a warning near
@@ -50,10 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from orchestrator.config import Config, FaultsConfig  # noqa: E402
-from orchestrator.metrics import StepMetrics, progress_line  # noqa: E402
-from orchestrator.status import StatusReader  # noqa: E402
-from orchestrator.status_view import render  # noqa: E402
+from orchestrator.config.schema import Config, FaultsConfig  # noqa: E402
+from orchestrator.status.metrics import StepMetrics, progress_line  # noqa: E402
+from orchestrator.status.report import StatusReader  # noqa: E402
+from orchestrator.status.view import render  # noqa: E402
 
 TOTAL_STEPS = 250_000
 STEP = 120_000  # where the run is
@@ -185,7 +185,7 @@ def make_run(
     stale_rank: int | None = None,
     now: float | None = None,
 ) -> None:
-    """A synthetic run folder that ``orchestrator.status`` reads as a live run."""
+    """A synthetic run folder that ``orchestrator.status.report`` reads as a live run."""
     now = time.time() if now is None else now
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir)
@@ -357,8 +357,8 @@ def main() -> None:
         )
     base = [r for r in results if r["log_kib"] == args.base_log_kib]
     wide = [r for r in results if r["ranks"] == max(args.ranks)]
-    imports = min(command_s("-c", "import orchestrator.status") for _ in range(3))
-    print(f"import orchestrator.status alone (in each command): {imports:.2f} s")
+    imports = min(command_s("-c", "import orchestrator.status.report") for _ in range(3))
+    print(f"import orchestrator.status.report alone (in each command): {imports:.2f} s")
     for key in ("cold_s", "warm_s", "refresh_s"):
         print(f"{key}: {growth(base, key, 'ranks')}; {growth(wide, key, 'log_kib')}")
 

@@ -1,13 +1,13 @@
 """Training tokens/s on this CPU: our LLaMA against transformers' LlamaForCausalLM.
 
 One process, the same shapes, batch and optimiser for both: the trainer's own
-``orchestrator.engine.build_optimizer`` (torch's fused AdamW, lr 3e-4, betas
+``orchestrator.runtime.engine.build_optimizer`` (torch's fused AdamW, lr 3e-4, betas
 0.9 and 0.95, weight decay 0.1 on matrices only), in fp32 and in bf16
 (weights, gradients and optimiser state all bf16: both models are cast, no
 autocast). The runners alternate: each round times ``--steps`` steps of each,
 so a change in machine load hits all of them. Model FLOPs utilisation is
 measured against this machine's own peak: a square ``torch.mm`` timed here in
-each precision. Model FLOPs per token: ``orchestrator.flops.model_flops_per_token``
+each precision. Model FLOPs per token: ``orchestrator.planning.flops.model_flops_per_token``
 (6·N_matmul + 12·l·s·d). transformers is given ``labels`` and shifts them
 itself; we give next-token targets; both compute logits for all s positions.
 
@@ -52,9 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model_parallel.args import ModelArgs  # noqa: E402
 from model_parallel.llama import Transformer, compile_model  # noqa: E402
-from orchestrator.config import Config, TrainConfig  # noqa: E402
-from orchestrator.engine import build_optimizer  # noqa: E402
-from orchestrator.flops import model_flops_per_token  # noqa: E402
+from orchestrator.config.schema import Config, TrainConfig  # noqa: E402
+from orchestrator.planning.flops import model_flops_per_token  # noqa: E402
+from orchestrator.runtime.engine import build_optimizer  # noqa: E402
 
 # name: (shape, micro-batch, seq)
 MODELS = {
@@ -153,7 +153,7 @@ WARMUP_STEPS = 3  # allocator, optimiser state, and the compile (twice for dynam
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The trainer's optimiser for this model (``orchestrator.engine.build_optimizer``)."""
+    """The trainer's optimiser for this model (``orchestrator.runtime.engine.build_optimizer``)."""
     train = TrainConfig(steps=1, global_batch_size=1, lr=3e-4, weight_decay=0.1)
     return build_optimizer(model, Config(train=train))
 

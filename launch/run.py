@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from orchestrator import cli, compose  # noqa: E402
-from orchestrator.config import register_configs  # noqa: E402
+from orchestrator.config import compose  # noqa: E402
+from orchestrator.config.schema import register_configs  # noqa: E402
+from orchestrator.launch import cli  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -26,7 +26,7 @@ from model_parallel.groups import ProcessGroups
 from model_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from model_parallel.llama import RMSNorm, TransformerBlock, init_parameters
 from model_parallel.mappings import Group, group_size
-from orchestrator.ds_compat.pipeline import FixedSplitPipelineModule, stage_modules
+from orchestrator.runtime.ds_compat.pipeline import FixedSplitPipelineModule, stage_modules
 
 
 class EmbeddingPipe(nn.Module):
@@ -107,7 +107,7 @@ class PipelineLoss:
         self.vocab_size = vocab_size
         self.compiled = False  # set by compile_model
         # Applied to each micro-batch's loss when set (the trainer's testing aids:
-        # orchestrator.numerics.LossFault).
+        # orchestrator.runtime.numerics.LossFault).
         self.hook: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@
 #   SBATCH_ACCOUNT in the environment: both take precedence over the #SBATCH lines.
 # Run directory: runs/llama33b (logs/rank_N.log, checkpoints/); sbatch's own output:
 #   slurm/logs/<job name>-<job id>.out. Python: python3 on PATH (sbatch passes PATH).
-# Regenerate: python -m orchestrator.slurm render-checked-in
+# Regenerate: python -m orchestrator.launch.slurm render-checked-in
 #SBATCH --job-name=llama33b
 #SBATCH --nodes=128
 #SBATCH --ntasks=1024
@@ -25,7 +25,7 @@
 #SBATCH --signal=USR1@600
 #SBATCH --requeue
 #
-# Rendered by orchestrator/slurm.py from slurm/template.sh: edit the config, not this file.
+# Rendered by orchestrator/launch/slurm.py from slurm/template.sh: edit the config, not this file.
 # Steps: (1) create or reuse the run directory and its resolved config, (2) the
 # first node's address and a free port for the rendezvous, (3) NCCL settings,
 # (4) srun: one rank per task, (5) requeue when the ranks stopped for time.
@@ -44,7 +44,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 # 1. Written on the first start; a requeued job finds it and resumes from the
 #    last checkpoint (run.resume=auto). Arguments to this script are config
 #    overrides for the first start.
-"$PYTHON" -m orchestrator.slurm prepare "$RUN_DIR" --ntasks "${SLURM_NTASKS:-0}" \
+"$PYTHON" -m orchestrator.launch.slurm prepare "$RUN_DIR" --ntasks "${SLURM_NTASKS:-0}" \
     --job-id "${SLURM_JOB_ID:-}" -- model=33b cluster=a100_80g parallel=tp4pp2 parallel.dp=128 parallel.activation_checkpointing=full data=llama_mixture data.root=data/redpajama data.tokenizer=data/llama/tokenizer.model ${1+"$@"}
 
 # 2. This shell runs on the first node. Its address as SLURM knows it (NodeAddr,
@@ -71,7 +71,7 @@ export NCCL_DEBUG=WARN
 status=0
 srun --kill-on-bad-exit=0 --wait=300 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     --open-mode=append --output="${RUN_DIR//\%/%%}/logs/rank_%t.log" \
-    "$PYTHON" -m orchestrator.worker "$RUN_DIR" || status=$?
+    "$PYTHON" -m orchestrator.runtime.worker "$RUN_DIR" || status=$?
 
 # 5. Exit 75: stopped for time after a checkpoint, so run again.
 if [ "$status" -eq 75 ]; then

@@ -2,7 +2,7 @@
 {{comment}}
 {{sbatch}}
 #
-# Rendered by orchestrator/slurm.py from slurm/template.sh: edit the config, not this file.
+# Rendered by orchestrator/launch/slurm.py from slurm/template.sh: edit the config, not this file.
 # Steps: (1) create or reuse the run directory and its resolved config, (2) the
 # first node's address and a free port for the rendezvous, (3) NCCL settings,
 # (4) srun: one rank per task, (5) requeue when the ranks stopped for time.
@@ -21,7 +21,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 # 1. Written on the first start; a requeued job finds it and resumes from the
 #    last checkpoint (run.resume=auto). Arguments to this script are config
 #    overrides for the first start.
-"$PYTHON" -m orchestrator.slurm prepare "$RUN_DIR" --ntasks "${SLURM_NTASKS:-0}" \
+"$PYTHON" -m orchestrator.launch.slurm prepare "$RUN_DIR" --ntasks "${SLURM_NTASKS:-0}" \
     --job-id "${SLURM_JOB_ID:-}" -- {{overrides}}${1+"$@"}
 
 # 2. This shell runs on the first node. Its address as SLURM knows it (NodeAddr,
@@ -45,7 +45,7 @@ echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-?} 
 status=0
 srun --kill-on-bad-exit=0 --wait={{step_wait}} --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     --open-mode=append --output="${RUN_DIR//\%/%%}/logs/rank_%t.log" \
-    "$PYTHON" -m orchestrator.worker "$RUN_DIR" || status=$?
+    "$PYTHON" -m orchestrator.runtime.worker "$RUN_DIR" || status=$?
 
 # 5. Exit {{exit_requeue}}: stopped for time after a checkpoint, so run again.
 {{requeue}}

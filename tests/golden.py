@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.metrics import read_metrics
+from orchestrator.status.metrics import read_metrics
 from tests.launch import run_launch
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_tp1pp1_fp32.json"

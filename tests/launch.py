@@ -35,7 +35,7 @@ def start_launch(*overrides: str) -> subprocess.Popen[str]:
 def worker_pids(run_dir: Path) -> list[int]:
     """The worker processes of a run still alive."""
     out = subprocess.run(
-        ["pgrep", "-f", f"orchestrator.worker {run_dir}"], capture_output=True, text=True
+        ["pgrep", "-f", f"orchestrator.runtime.worker {run_dir}"], capture_output=True, text=True
     )
     return sorted(int(p) for p in out.stdout.split())
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.checkpoint import checkpoint_dir
-from orchestrator.metrics import read_metrics
-from orchestrator.numerics import NumericsGuard
-from orchestrator.schedule import lr_at
+from orchestrator.runtime.numerics import NumericsGuard
+from orchestrator.runtime.schedule import lr_at
+from orchestrator.state.checkpoint import checkpoint_dir
+from orchestrator.status.metrics import read_metrics
 from tests.checkpoint_files import weights_and_optimiser
 from tests.launch import run_launch
 
@@ -116,7 +116,7 @@ def test_fp16_scaler_skips_are_not_bad_steps() -> None:
     ],
 )
 def test_a_fault_rank_that_computes_no_loss_is_refused(overrides: list[str], message: str) -> None:
-    from orchestrator.plan import validate_config
+    from orchestrator.planning.plan import validate_config
     from tests.test_config import load
 
     with pytest.raises(ValueError) as info:

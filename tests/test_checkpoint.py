@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.checkpoint import checkpoint_dir, latest_tag
-from orchestrator.config import load_config
-from orchestrator.faults import EXIT_REQUEUE
-from orchestrator.integrity import verify
-from orchestrator.metrics import read_metrics
-from orchestrator.weights import read_checkpoint
+from orchestrator.config.schema import load_config
+from orchestrator.runtime.faults import EXIT_REQUEUE
+from orchestrator.state.checkpoint import checkpoint_dir, latest_tag
+from orchestrator.state.integrity import verify
+from orchestrator.state.weights import read_checkpoint
+from orchestrator.status.metrics import read_metrics
 from tests.checkpoint_files import checkpoint_tensors
 from tests.distributed import run_ranks
 from tests.launch import run_launch, start_launch, wait_for_steps
@@ -105,7 +105,7 @@ def _engine(rank: int) -> object:
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
     from model_parallel.llama import Transformer
-    from orchestrator.engine import DeepSpeedMPU, init_deepspeed_comm
+    from orchestrator.runtime.engine import DeepSpeedMPU, init_deepspeed_comm
 
     init_deepspeed_comm()
     groups = ProcessGroups.build(Layout(dp=2))
@@ -125,7 +125,7 @@ def _engine(rank: int) -> object:
 
 
 def _save_then_die_mid_save(rank: int, world: int, run_dir: str) -> None:
-    from orchestrator import checkpoint
+    from orchestrator.state import checkpoint
 
     engine = _engine(rank)
     checkpoint.save(engine, Path(run_dir), checkpoint.TrainingState(1, 10, {"position": 1}), keep=3)
@@ -142,7 +142,7 @@ def _save_then_die_mid_save(rank: int, world: int, run_dir: str) -> None:
 
 
 def _load_latest(rank: int, world: int, run_dir: str) -> int:
-    from orchestrator import checkpoint
+    from orchestrator.state import checkpoint
 
     engine = _engine(rank)
     tag = checkpoint.latest_tag(Path(run_dir))
@@ -199,15 +199,15 @@ def test_stop_signal_during_start_up_exits_for_requeue_at_once(tmp_path: Path) -
     once, with nothing saved (nothing to save yet); the requeued start begins afresh."""
     import sys
 
-    from orchestrator.launcher import free_port
-    from orchestrator.slurm import prepare
+    from orchestrator.launch.launcher import free_port
+    from orchestrator.launch.slurm import prepare
 
     run_dir = tmp_path / "run"
     prepare(run_dir, [*COMMON, "parallel=tp1pp1", "parallel.dp=1", "cluster=local"], ntasks=1)
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.worker", str(run_dir)],
+        [sys.executable, "-m", "orchestrator.runtime.worker", str(run_dir)],
         env=env,
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.PIPE,
@@ -237,7 +237,7 @@ def _damage(path: Path, how: str) -> None:
 
 def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path: Path) -> None:
     """step 6 truncated, step 4 with one bit flipped: the resume names both, takes step 2."""
-    from orchestrator.checkpoint import main as checkpoint_main
+    from orchestrator.state.checkpoint import main as checkpoint_main
 
     run_dir = tmp_path / "run"
     layout = ["parallel=tp1pp1", "parallel.dp=2", "checkpoint.interval=2"]
@@ -264,7 +264,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path: Path) -
 
 
 def test_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.checkpoint import main as checkpoint_main
+    from orchestrator.state.checkpoint import main as checkpoint_main
 
     assert checkpoint_main(["verify", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err

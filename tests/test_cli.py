@@ -10,7 +10,8 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from orchestrator import cli, compose
+from orchestrator.config import compose
+from orchestrator.launch import cli
 from tests.test_config import CONF_DIR, load
 
 RUN = CONF_DIR.parent / "launch" / "run.py"

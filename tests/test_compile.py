@@ -30,9 +30,9 @@ from model_parallel.args import ModelArgs, padded_vocab_size
 from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.fused import cross_entropy
 from model_parallel.llama import Transformer, compile_model
-from orchestrator.config import Config, TrainConfig
-from orchestrator.engine import build_optimizer
-from orchestrator.metrics import read_metrics
+from orchestrator.config.schema import Config, TrainConfig
+from orchestrator.runtime.engine import build_optimizer
+from orchestrator.status.metrics import read_metrics
 from tests.launch import run_launch
 
 TOL = dict(rtol=1e-4, atol=1e-5)

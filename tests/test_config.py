@@ -9,8 +9,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from model_parallel.args import ModelArgs
-from orchestrator.compose import compose_config
-from orchestrator.config import ClusterConfig, Config, ModelConfig, ParallelConfig, TrainConfig
+from orchestrator.config.compose import compose_config
+from orchestrator.config.schema import (
+    ClusterConfig,
+    Config,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -252,8 +258,8 @@ def test_peak_follows_the_precision() -> None:
     cfg = load("cluster=a100_80g")
     cfg.cluster.peak_tflops_fp32 = None
     assert cfg.cluster.peak_for("fp32") == 312
-    from orchestrator.perf import estimate
-    from orchestrator.plan import resolve_plan
+    from orchestrator.planning.perf import estimate
+    from orchestrator.planning.plan import resolve_plan
 
     times = {}
     for precision in ("bf16", "fp32"):

@@ -16,7 +16,7 @@ import torch
 
 from model_parallel.args import ModelArgs
 from model_parallel.llama import Transformer
-from orchestrator.convert import (
+from orchestrator.state.convert import (
     from_hf,
     hf_config,
     load_meta_checkpoint,
@@ -80,7 +80,7 @@ def test_hf_round_trip_is_exact() -> None:
 def _write_meta_like_release(
     directory: Path, hf_state: dict[str, torch.Tensor], shards: int
 ) -> None:
-    """Write Meta's layout from HF weights without using orchestrator.convert."""
+    """Write Meta's layout from HF weights without using orchestrator.state.convert."""
     n_heads, dim = ARGS.n_heads, ARGS.dim
 
     def unpermute(w: torch.Tensor) -> torch.Tensor:  # inverse of HF's convert_llama_weights permute

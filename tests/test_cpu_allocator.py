@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cpu_allocator
-from orchestrator.config import ClusterConfig
+from orchestrator.config.schema import ClusterConfig
+from orchestrator.runtime import cpu_allocator
 from tests.launch import run_launch
 from tests.test_cli import _assert_one_line_error, run
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator import cpu_probe, perf
-from orchestrator.config import Config
-from orchestrator.monitor import banner
-from orchestrator.plan import format_plan, resolve_plan
+from orchestrator.config.schema import Config
+from orchestrator.planning import cpu_probe, perf
+from orchestrator.planning.plan import format_plan, resolve_plan
+from orchestrator.runtime.monitor import banner
 from tests.launch import run_launch
 from tests.test_config import load
 
@@ -157,7 +157,7 @@ def test_banner_warns_when_bf16_is_emulated(
     monkeypatch.setattr(cpu_probe, "_cpuinfo", lambda: NO_BF16_CPUINFO)
     seed_cache(threads=2)
     cfg = _bf16_tiny()
-    with caplog.at_level(logging.WARNING, logger="orchestrator.monitor"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.runtime.monitor"):
         text = banner(cfg, resolve_plan(cfg), cache_dir / "run", resume="fresh start")
     warning = "warning: bf16 on this CPU is emulated: bf16 matmuls measured 0.0012 TFLOP/s"
     assert warning in text
@@ -264,7 +264,7 @@ def test_the_probe_leaves_the_global_random_state_alone() -> None:
     """A worker probes after seeding: its RNG state is checkpointed and must match a resume's."""
     import torch
 
-    from orchestrator.cpu_probe import adamw_seconds, matmul_tflops
+    from orchestrator.planning.cpu_probe import adamw_seconds, matmul_tflops
 
     torch.manual_seed(1234)
     before = torch.get_rng_state()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.dist_env import (
+from orchestrator.runtime.dist_env import (
     DistEnv,
     _discover_with,
     _pick_rendezvous,
@@ -255,7 +255,7 @@ def test_scontrol_first_node_addr(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(args)
         return outputs[args]
 
-    monkeypatch.setattr("orchestrator.dist_env._scontrol", fake)
+    monkeypatch.setattr("orchestrator.runtime.dist_env._scontrol", fake)
     assert scontrol_first_node_addr("n[3-4]") == "10.9.0.3"
     assert calls == list(outputs)
 
@@ -413,7 +413,7 @@ def test_mpi_discovery_is_injectable() -> None:
 
 REPORT = (
     "import dataclasses, json, os, sys\n"
-    "from orchestrator.dist_env import read_env, started_by\n"
+    "from orchestrator.runtime.dist_env import read_env, started_by\n"
     "try:\n"
     "    found = dataclasses.asdict(read_env())\n"
     "except RuntimeError as err:\n"

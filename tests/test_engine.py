@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from model_parallel.args import ModelArgs
-from orchestrator.compose import compose_config
-from orchestrator.engine import deepspeed_config
-from orchestrator.plan import resolve_plan
-from orchestrator.schedule import lr_at
+from orchestrator.config.compose import compose_config
+from orchestrator.planning.ds_config import deepspeed_config
+from orchestrator.planning.plan import resolve_plan
+from orchestrator.runtime.schedule import lr_at
 from tests.distributed import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def _zero_state(rank: int, ws: int, stage: int) -> dict[str, int]:
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
     from model_parallel.llama import Transformer
-    from orchestrator.engine import DeepSpeedMPU, init_deepspeed_comm
+    from orchestrator.runtime.engine import DeepSpeedMPU, init_deepspeed_comm
 
     init_deepspeed_comm()
     groups = ProcessGroups.build(Layout(dp=ws))
@@ -145,7 +145,7 @@ def _reduced_bf16_gradient(rank: int, ws: int, micro_batches: int) -> list[float
     os.environ["LOCAL_RANK"] = str(rank)
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
-    from orchestrator.engine import init_deepspeed_comm, initialize
+    from orchestrator.runtime.engine import init_deepspeed_comm, initialize
 
     init_deepspeed_comm()
     cfg = compose_config(

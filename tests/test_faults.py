@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.checkpoint import checkpoint_dir
-from orchestrator.metrics import read_metrics
+from orchestrator.state.checkpoint import checkpoint_dir
+from orchestrator.status.metrics import read_metrics
 from tests.checkpoint_files import weights_and_optimiser
 from tests.launch import kill_run, run_launch, start_launch, worker_pids
 
@@ -89,7 +89,7 @@ def test_consecutive_skips_roll_back_to_the_last_checkpoint(tmp_path: Path) -> N
 
 
 def test_numerics_guard_policy() -> None:
-    from orchestrator.numerics import NumericsGuard
+    from orchestrator.runtime.numerics import NumericsGuard
 
     guard = NumericsGuard(max_consecutive_skips=2, spike_factor=2.0, spike_window=3)
     assert guard.observe(4.0, skipped=False).rollback == ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model_parallel.args import ModelArgs
-from orchestrator.flops import (
+from orchestrator.planning.flops import (
     achieved_tflops,
     forward_flops_per_token,
     hardware_flops_per_token,

@@ -16,8 +16,8 @@ import pytest
 
 from bench.gpu_check import COMMON_TRAIN, GPU_TRAIN
 from bench.train_throughput import MODELS
-from orchestrator.perf import GIB, estimate
-from orchestrator.plan import validate_config
+from orchestrator.planning.perf import GIB, estimate
+from orchestrator.planning.plan import validate_config
 from tests.test_config import load
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from orchestrator.compose import compose_config
+from orchestrator.config.compose import compose_config
 from orchestrator.data.build import resolve_paths
 from orchestrator.data.hf_tokenizer import HFTokenizer
 from orchestrator.data.indexed import IndexedDataset
@@ -211,7 +211,7 @@ def test_export_writes_a_tokenizer_json_that_transformers_loads(
     from transformers import AutoTokenizer
 
     from model_parallel.args import ModelArgs
-    from orchestrator.weights import write_hf
+    from orchestrator.state.weights import write_hf
 
     tok = load_tokenizer(byte_bpe)
     args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, multiple_of=8)

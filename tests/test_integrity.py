@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model_parallel.layout import Layout
-from orchestrator import integrity
+from orchestrator.state import integrity
 
 
 def test_checksum_taken_while_writing_is_the_files_crc(tmp_path: Path) -> None:

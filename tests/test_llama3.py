@@ -18,15 +18,15 @@ import torch
 from model_parallel.args import ModelArgs, RopeScaling
 from model_parallel.llama import Transformer
 from model_parallel.rotary import rotary_cos_sin
-from orchestrator.config import Config
-from orchestrator.convert import (
+from orchestrator.config.schema import Config
+from orchestrator.state.convert import (
     from_hf,
     hf_config,
     load_meta_checkpoint,
     save_meta_checkpoint,
     to_hf,
 )
-from orchestrator.weights import merge_tp
+from orchestrator.state.weights import merge_tp
 from tests.test_cli import _assert_one_line_error, run
 from tests.test_config import load
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.metrics import (
+from orchestrator.status.metrics import (
     StepMetrics,
     format_duration,
     parse_progress_line,

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.compose import compose_config
-from orchestrator.dist_env import DistEnv
-from orchestrator.metrics import read_metrics
-from orchestrator.plan import validate_config
-from orchestrator.run_folder import prepare_run_dir
+from orchestrator.config.compose import compose_config
+from orchestrator.launch.run_folder import prepare_run_dir
+from orchestrator.planning.plan import validate_config
+from orchestrator.runtime.dist_env import DistEnv
+from orchestrator.status.metrics import read_metrics
 from tests.launch import REPO, run_launch
 
 MPIEXEC = shutil.which("mpiexec")
@@ -82,7 +82,7 @@ def test_ranks_discover_their_place_and_the_rendezvous(tmp_path: Path) -> None:
     # Each rank writes its own file: mpiexec interleaves the ranks' stdout.
     script = (
         "import dataclasses, json, sys\n"
-        "from orchestrator.dist_env import read_env, started_by\n"
+        "from orchestrator.runtime.dist_env import read_env, started_by\n"
         "env = read_env()\n"
         "with open(f'{sys.argv[1]}/rank_{env.rank}.json', 'w') as f:\n"
         "    json.dump([started_by(), dataclasses.asdict(env)], f)\n"
@@ -108,7 +108,7 @@ def test_training_under_mpiexec_matches_the_local_launcher(tmp_path: Path) -> No
 
     config = compose_config([*OVERRIDES, f"run.dir={tmp_path / 'mpi'}"], conf_dir=REPO / "conf")
     run_dir = prepare_run_dir(config, validate_config(config))
-    mpiexec(2, sys.executable, "-m", "orchestrator.worker", str(run_dir), timeout=500)
+    mpiexec(2, sys.executable, "-m", "orchestrator.runtime.worker", str(run_dir), timeout=500)
     losses = read_metrics(run_dir / "metrics.jsonl")
 
     assert [m["step"] for m in losses] == [m["step"] for m in reference] == [1, 2, 3, 4]

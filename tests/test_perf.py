@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from model_parallel.args import ModelArgs
-from orchestrator.config import ClusterConfig
-from orchestrator.perf import (
+from orchestrator.config.schema import ClusterConfig
+from orchestrator.planning.perf import (
     GIB,
     estimate,
     layer_activation_bytes,
@@ -24,7 +24,7 @@ from orchestrator.perf import (
     stage_memory,
     zero_state_bytes,
 )
-from orchestrator.plan import format_plan, resolve_plan
+from orchestrator.planning.plan import format_plan, resolve_plan
 from tests.distributed import run_ranks
 from tests.test_config import load
 
@@ -383,7 +383,7 @@ def test_verdict_names_the_largest_item() -> None:
 
 
 # ZeRO state per rank against real DeepSpeed engines. Each rank builds the
-# model and engine as orchestrator.train does, runs a step and the backward of
+# model and engine as orchestrator.runtime.train does, runs a step and the backward of
 # the next, and counts the bytes of distinct storages: parameters (ZeRO-1/2: the
 # flat padded groups the parameters view; ZeRO-3: its partition buffer plus the
 # small parameters it keeps whole), gradients, and optimiser state (fp32 master
@@ -449,8 +449,8 @@ def _rank(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
     os.environ["LOCAL_RANK"] = str(rank)
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
-    from orchestrator import engine as ds_engine
-    from orchestrator.train import build_model
+    from orchestrator.runtime import engine as ds_engine
+    from orchestrator.runtime.train import build_model
 
     cfg = load(*SHAPE, *overrides)
     plan = resolve_plan(cfg)

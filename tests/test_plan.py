@@ -7,8 +7,14 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import Config
-from orchestrator.plan import Plan, format_plan, resolve_plan, search_layouts, validate_config
+from orchestrator.config.schema import Config
+from orchestrator.planning.plan import (
+    Plan,
+    format_plan,
+    resolve_plan,
+    search_layouts,
+    validate_config,
+)
 from tests.test_config import load
 
 

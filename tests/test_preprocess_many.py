@@ -24,7 +24,7 @@ from orchestrator.data.preprocess_many import (
     render_array_script,
     shard_names,
 )
-from orchestrator.dist_env import array_task
+from orchestrator.runtime.dist_env import array_task
 from tests.test_preprocess import MALFORMED_LINES, decoded_documents, write_malformed
 from tests.test_tokenizer import make_documents, train_small_tokenizer, write_jsonl
 

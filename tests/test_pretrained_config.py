@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from model_parallel.args import ModelArgs, RopeScaling
-from orchestrator.convert import hf_config
+from orchestrator.state.convert import hf_config
 from tests.test_cli import run
 from tests.test_config import load
 

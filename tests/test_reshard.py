@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.checkpoint import checkpoint_dir, read_layout
-from orchestrator.config import load_config
-from orchestrator.metrics import read_metrics
-from orchestrator.reshard import main as reshard_main
-from orchestrator.reshard import read_full_state
+from orchestrator.config.schema import load_config
+from orchestrator.state.checkpoint import checkpoint_dir, read_layout
+from orchestrator.state.reshard import main as reshard_main
+from orchestrator.state.reshard import read_full_state
+from orchestrator.status.metrics import read_metrics
 from tests.launch import run_launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 
-from orchestrator.checkpoint import checkpoint_dir, latest_tag
-from orchestrator.config import load_config
-from orchestrator.reshard import read_full_state
-from orchestrator.reshard_source import SourceCheckpoint
+from orchestrator.config.schema import load_config
+from orchestrator.state.checkpoint import checkpoint_dir, latest_tag
+from orchestrator.state.reshard import read_full_state
+from orchestrator.state.reshard_source import SourceCheckpoint
 from tests.distributed import run_ranks
 from tests.launch import REPO, run_launch
 
@@ -72,10 +72,10 @@ def _build_engine(rank: int, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     os.environ["LOCAL_RANK"] = str(rank)
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
-    from orchestrator import engine as ds_engine
-    from orchestrator.compose import compose_config
-    from orchestrator.plan import resolve_plan
-    from orchestrator.train import build_model
+    from orchestrator.config.compose import compose_config
+    from orchestrator.planning.plan import resolve_plan
+    from orchestrator.runtime import engine as ds_engine
+    from orchestrator.runtime.train import build_model
 
     ds_engine.init_deepspeed_comm()
     cfg = compose_config([*COMMON, *overrides], conf_dir=REPO / "conf")
@@ -87,8 +87,8 @@ def _build_engine(rank: int, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
 
 def _reshard_and_save(rank: int, source_run: str, overrides: list[str], out: str) -> Any:
     """This rank's engine of the new layout, loaded from ``source_run`` and saved to ``out``."""
-    from orchestrator import checkpoint
-    from orchestrator.reshard import load_resharded
+    from orchestrator.state import checkpoint
+    from orchestrator.state.reshard import load_resharded
 
     engine, cfg, plan, groups = _build_engine(rank, overrides)
     run = Path(source_run)
@@ -147,7 +147,7 @@ def _deepspeed_fp32(rank: int, world: int, run: str, overrides: list[str]) -> di
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from orchestrator import checkpoint
+    from orchestrator.state import checkpoint
 
     engine, *_ = _build_engine(rank, overrides)
     calls: list[bool] = []

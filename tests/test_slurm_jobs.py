@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import latest_tag
-from orchestrator.export import export
-from orchestrator.faults import EXIT_REQUEUE
-from orchestrator.metrics import read_metrics
-from orchestrator.slurm import CHECKED_IN
+from orchestrator.launch.slurm import CHECKED_IN
+from orchestrator.runtime.faults import EXIT_REQUEUE
+from orchestrator.state.checkpoint import latest_tag
+from orchestrator.state.export import export
+from orchestrator.status.metrics import read_metrics
 from tests.launch import REPO, run_launch
 from tests.slurm_cluster import (
     TERMINAL_STATES,

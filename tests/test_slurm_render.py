@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import slurm
-from orchestrator.config import Config, load_config
-from orchestrator.plan import Plan, validate_config
+from orchestrator.config.schema import Config, load_config
+from orchestrator.launch import slurm
+from orchestrator.planning.plan import Plan, validate_config
 from tests.test_config import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _options(script: str) -> list[str]:
 def test_checked_in_script_is_what_the_generator_renders(name: str) -> None:
     path = slurm.SLURM_DIR / f"{name}.sh"
     assert path.read_text() == slurm.render_checked_in(name), (
-        f"{path} is stale: run python -m orchestrator.slurm render-checked-in"
+        f"{path} is stale: run python -m orchestrator.launch.slurm render-checked-in"
     )
     assert os.access(path, os.X_OK)
 
@@ -284,10 +284,10 @@ def test_values_with_shell_syntax_run_nothing(tmp_path: Path) -> None:
     # The workers got the directory as one argument, byte for byte, and so did prepare.
     srun_args = (tmp_path / "stub.log.srun").read_text().splitlines()
     python = str(tmp_path / "bin" / "python")
-    assert srun_args[-4:] == [python, "-m", "orchestrator.worker", run_dir]
+    assert srun_args[-4:] == [python, "-m", "orchestrator.runtime.worker", run_dir]
     assert f"--output={run_dir.replace('%', '%%')}/logs/rank_%t.log" in srun_args
     prepare_args = (tmp_path / "stub.log.python").read_text().splitlines()
-    assert prepare_args[:5] == ["-m", "orchestrator.slurm", "prepare", run_dir, "--ntasks"]
+    assert prepare_args[:5] == ["-m", "orchestrator.launch.slurm", "prepare", run_dir, "--ntasks"]
     assert "MASTER=10.1.2.3:29500 NCCL_SOCKET_IFNAME=$(touch pwned3)`touch pwned4`" in log
     for where in (tmp_path, work, Path.cwd()):
         assert not list(where.glob("pwned*")), where

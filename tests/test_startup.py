@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.faults import EXIT_REQUEUE, Heartbeat, Watchdog, describe_laggards
-from orchestrator.startup import STARTUP_PHASES, phase_label, startup_order
+from orchestrator.runtime.faults import EXIT_REQUEUE, Heartbeat, Watchdog, describe_laggards
+from orchestrator.runtime.startup import STARTUP_PHASES, phase_label, startup_order
 from tests.launch import REPO, RUN, kill_run, start_launch, worker_pids
 
 SMALL = [

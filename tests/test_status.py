@@ -18,11 +18,11 @@ import pytest
 
 from bench import status_scale
 from bench.status_scale import make_run
-from orchestrator.metrics import MetricsTail, read_metrics
-from orchestrator.status import StatusReader, collect, main
-from orchestrator.status_logs import last_errors
-from orchestrator.status_ranks import RankBeat, find_stragglers
-from orchestrator.status_view import render, startup_line
+from orchestrator.status.logs import last_errors
+from orchestrator.status.metrics import MetricsTail, read_metrics
+from orchestrator.status.ranks import RankBeat, find_stragglers
+from orchestrator.status.report import StatusReader, collect, main
+from orchestrator.status.view import render, startup_line
 from tests.launch import REPO, kill_run, run_launch, start_launch, wait_for_steps, worker_pids
 
 STEPS = 6

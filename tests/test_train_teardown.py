@@ -23,11 +23,11 @@ SCRIPT = r"""
 import json, os, sys, threading
 from pathlib import Path
 import torch.distributed as dist
-from orchestrator import train as train_module
-from orchestrator.commwait import COLLECTIVES
-from orchestrator.compose import compose_config
-from orchestrator.plan import validate_config
-from orchestrator.run_folder import prepare_run_dir
+from orchestrator.runtime import train as train_module
+from orchestrator.runtime.commwait import COLLECTIVES
+from orchestrator.config.compose import compose_config
+from orchestrator.planning.plan import validate_config
+from orchestrator.launch.run_folder import prepare_run_dir
 
 run_dir = Path(sys.argv[1])
 cfg = compose_config(

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.metrics import read_metrics
-from orchestrator.schedule import lr_at
+from orchestrator.runtime.schedule import lr_at
+from orchestrator.status.metrics import read_metrics
 from tests import golden
 from tests.launch import kill_run, run_launch, start_launch, wait_for_steps, worker_pids
 

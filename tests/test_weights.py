@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from model_parallel.llama import Transformer
-from orchestrator.checkpoint import checkpoint_dir
-from orchestrator.convert import hf_config, save_meta_checkpoint
 from orchestrator.data.synthetic import SyntheticData
-from orchestrator.export import main as export_main
-from orchestrator.metrics import read_metrics
-from orchestrator.weights import read_checkpoint
+from orchestrator.state.checkpoint import checkpoint_dir
+from orchestrator.state.convert import hf_config, save_meta_checkpoint
+from orchestrator.state.export import main as export_main
+from orchestrator.state.weights import read_checkpoint
+from orchestrator.status.metrics import read_metrics
 from tests.launch import run_launch
 
 transformers = pytest.importorskip("transformers")
@@ -38,7 +38,7 @@ def _tiny_args():  # the config the runs use
 
 
 def load_config_from_overrides():
-    from orchestrator.compose import compose_config
+    from orchestrator.config.compose import compose_config
 
     return compose_config(BASE, conf_dir=REPO / "conf")
 
@@ -118,7 +118,7 @@ def test_hugging_face_import_export_and_resharding(tmp_path: Path) -> None:
 def test_meta_release_import(tmp_path: Path) -> None:
     args = _tiny_args()
     hf = _random_hf(tmp_path / "hf")
-    from orchestrator.convert import from_hf
+    from orchestrator.state.convert import from_hf
 
     save_meta_checkpoint(tmp_path / "meta", args, from_hf(hf.state_dict(), args), num_shards=2)
     run = tmp_path / "run"
@@ -141,7 +141,7 @@ def test_gqa_llama3_import_into_a_pipeline_and_export(tmp_path: Path) -> None:
     tp2 x pp2 run from ``model=pretrained`` (each stage loads its replicated K/V from
     the full tensors): the first loss is transformers'; the checkpoint, merged with one copy per KV head,
     exports to a model from_pretrained loads and that agrees with ours."""
-    from orchestrator.compose import compose_config
+    from orchestrator.config.compose import compose_config
 
     args = compose_config([*BASE, *GQA], conf_dir=REPO / "conf").model.to_args()
     assert args.num_kv_heads == 1 and args.rope_scaling is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from orchestrator.config import Config
+from orchestrator.config.schema import Config
 from orchestrator.data import MicroBatchSource
 from orchestrator.data.run_index import IndexSpec, RunIndex, SourceSpec, ensure_index
 from orchestrator.data.shards import check_shard, expand_source

@@ -28,9 +28,9 @@ _CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 def main(argv: Sequence[str] | None = None) -> int:
     from hydra.errors import HydraException
 
-    from orchestrator.compose import compose_config, describe_error
+    from orchestrator.config.compose import compose_config, describe_error
     from orchestrator.data.build import prepare_index, resolve_paths
-    from orchestrator.plan import validate_config
+    from orchestrator.planning.plan import validate_config
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if any(o in ("-h", "--help") for o in overrides):

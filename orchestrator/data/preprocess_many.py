@@ -62,12 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from orchestrator import dist_env
 from orchestrator.data.documents import COMPRESSIONS, TEXT_SPLITS, check_inputs, expand_inputs
 from orchestrator.data.indexed import IndexedDataset, shard_paths
 from orchestrator.data.preprocess import _START_METHOD, RaisingArgumentParser, Summary, preprocess
 from orchestrator.data.preprocess_sbatch import render_array_script
 from orchestrator.data.tokenizer import load_tokenizer
+from orchestrator.runtime import dist_env
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,8 @@
+"""Starting a run (login node): ``launch/run.py`` and ``sbatch``.
+
+- ``cli``: the command-line front end behind ``launch/run.py``.
+- ``launcher``: ``launcher=local``, worker processes on this machine.
+- ``slurm``: sbatch rendering, submission, and the job's own prepare step
+  (``python -m orchestrator.launch.slurm``).
+- ``run_folder``: where a run's folder is and the files it starts with.
+"""

@@ -1,0 +1,61 @@
+"""The run folder: where it is, and the files it starts with (written atomically).
+
+``prepare_run_dir`` is called by rank 0 of a local launch and by the first
+step of a SLURM job (``slurm.prepare``); the other ranks wait for its
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from orchestrator.config.schema import Config, config_yaml
+from orchestrator.planning.ds_config import deepspeed_config
+from orchestrator.planning.plan import Plan
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if path.suffix == ".sh":
+            os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def choose_run_dir(config: Config) -> Path:
+    """``run.dir`` made absolute (default runs/<model>-<parallel>-<timestamp>); creates nothing."""
+    if config.run.dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        config.run.dir = str(
+            Path(config.run.root) / f"{config.model.name}-{config.parallel.name}-{stamp}"
+        )
+    run_dir = Path(config.run.dir).resolve()
+    config.run.dir = str(run_dir)
+    return run_dir
+
+
+def run_dir_files(config: Config, plan: Plan) -> dict[str, str]:
+    """What a run directory starts with: the resolved config and the DeepSpeed JSON."""
+    return {
+        "config.yaml": config_yaml(config),
+        "deepspeed.json": json.dumps(deepspeed_config(config, plan), indent=2),
+    }
+
+
+def prepare_run_dir(config: Config, plan: Plan) -> Path:
+    """Create the run directory and write the resolved config and DeepSpeed JSON into it."""
+    run_dir = choose_run_dir(config)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    for name, text in run_dir_files(config, plan).items():
+        write_atomic(run_dir / name, text)  # other ranks may be waiting for config.yaml
+    return run_dir

@@ -1,0 +1,518 @@
+"""The plan's performance model: memory per device and time per step of a layout.
+
+Pure arithmetic on the config and the resolved ``Plan``; nothing is allocated.
+Notation: b micro-batch size, s sequence length, h = ``dim``, f the SwiGLU
+width, t = tp, p = pp, m micro-batches per step, e bytes per activation and
+weight element (2 in bf16/fp16, 4 in fp32), Psi' the parameters one device
+holds on its stage (``Plan.stage_params_per_rank``).
+
+**Model state** follows what DeepSpeed 0.19 allocates for our config
+(checked storage by storage against real CPU engines for ZeRO 0-3, fp32 and
+bf16, and tp/pp/dp layouts in ``tests/test_perf.py``; fp16 is GPU-only and
+unmeasured):
+
+- fp32: ZeRO-0 is the plain optimiser, 4 + 4 + 8 (weights, gradients, two
+  Adam moments). ZeRO-1/2/3 also keep an fp32 master copy of their partition,
+  so 4 + 4 + 12 split as below.
+- bf16/fp16: 2 (weights) + 2 (gradients) + 12 (fp32 master, two moments),
+  except that our JSON asks for fp32 gradient accumulation in bf16: at
+  ZeRO-1 DeepSpeed's ``BF16_Optimizer`` holds each bf16 ``.grad`` and the
+  whole flat groups' gradients in fp32 (2 + 4), at ZeRO-2/3 the gradient
+  partition is fp32 (4/dp).
+- split over dp: ZeRO-1 the optimiser state, ZeRO-2 also the gradients,
+  ZeRO-3 also the weights. ZeRO-1/2 flatten each parameter group (matrices
+  with weight decay, norms without) and pad it to a multiple of 2·dp
+  elements. ZeRO-1 in fp32 keeps each parameter's whole ``.grad``; ZeRO-2
+  keeps the gradients of every parameter its partition overlaps (whole, so
+  ranks differ). ZeRO-3 cuts each parameter into dp pieces (padded to a
+  multiple of dp) and also keeps parameters of up to 100k elements whole
+  (``zero_state_bytes``).
+
+**Activations** per layer per micro-batch, what autograd saves in this
+implementation (``model_parallel.llama``; checked tensor by tensor in
+``tests/test_perf.py``), in units of s·b·h bytes:
+
+- two RMSNorms, each its fp32 copy of x (4) and x/rms before the weight (e):
+  2·(4 + e), /t with sequence parallelism;
+- the inputs of the q/k/v and w1/w3 projections (x/rms times the weight):
+  2·e (with sequence parallelism these are the all-gathered copies, held full);
+- q, k, v after rotary and the attention output, which is also wo's input
+  (SDPA's flash kernels keep no s x s scores): 4·e/t; with grouped-query
+  attention K and V are saved at their own width (not expanded to the query
+  heads, ``model_parallel.attention``): 2·e/t + 2·e·w/h, w = one rank's
+  K width (``kv_width_per_rank``: n_kv_heads·head_dim/t, one head when t
+  exceeds n_kv_heads);
+- SwiGLU: w1 x, w3 x, silu(w1 x) and the product that feeds w2: 4·e·f/(h·t);
+- per token, not per h: RMSNorm's two 1/rms (2·4, /t with sequence
+  parallelism) and attention's logsumexp (4·heads/t).
+
+With ``model.compile=true`` inductor's partitioner recomputes the cheap
+elementwise work in backward and saves less (checked tensor by tensor on
+compiled blocks at tp 1 and 2, with and without sequence parallelism, in
+``tests/test_perf.py``, and within 3% of the peak that one
+H200 measured, ``bench/RESULTS.md``):
+
+- the two RMSNorms' inputs, x and x + attention (2·e), and their 1/rms (2·4
+  per token), /t with sequence parallelism; no fp32 copies;
+- the inputs of the q/k/v and w1/w3 projections: 2·e, as above;
+- q, k, v and the attention output: 4·e/t (2·e/t + 2·e·w/h with grouped KV);
+- SwiGLU: w1 x, w3 x and the product that feeds w2: 3·e·f/(h·t);
+- attention's logsumexp (4·heads/t per token).
+
+No dropout, so no masks. Full activation checkpointing keeps only each
+layer's input (e, /t with sequence parallelism) plus one layer's activations
+while it is recomputed. Under 1F1B stage i holds min(p - i, m) micro-batches
+in flight. The last stage adds the final norm and the logits: (e + 4 + 4)·s·b·V/t
+(the logits, the fp32 working copy of the loss, the fp32 softmax it saves);
+compiled, 2·e·s·b·V/t + 4·s·b (the logits the compiled loss saves, their
+gradient, which exists before they are freed, and one logsumexp per token).
+A framework allowance (``cluster.memory_overhead_gb``) covers what is not
+itemised.
+
+**Time per step**: hardware FLOPs (``orchestrator.planning.flops``) over the peak
+in the run's precision (``cluster.peak_for``) x ``compute_efficiency``,
+stages assumed balanced; tp all-reduces (4 per layer per micro-batch, 6 with
+recomputation, of s·b·h·e bytes, a ring moving 2(t-1)/t of it) over NVLink; the 1F1B bubble (p-1)/m of the busy time,
+i.e. (p-1)/(m+p-1) of the pipeline's time; pipeline sends (2 per micro-batch,
+s·b·h·e/t bytes) on the critical path, each followed by a tp all-gather of the
+rest when DeepSpeed partitions them (tp > 1 without sequence parallelism); the dp gradient reduction
+(2(d-1)/d x Psi' elements; fp32 in fp32 and bf16, fp16 in fp16) after the last
+micro-batch; at ZeRO-3 instead one reduce-scatter of the gradients and two
+all-gathers of the weights (e bytes) per micro-batch, one before its forward and
+one before its backward (DeepSpeed releases gathered weights after use).
+On a GPU the engine asks DeepSpeed to overlap its ZeRO 1-3 communication
+(``overlap_comm``; not inside the pipeline engine, which reduces after the
+schedule): the gradients' reduce-scatter runs behind the last micro-batch's
+backward (2/3 of its compute) and each ZeRO-3 gather behind its forward (1/3) or
+backward (2/3); only what exceeds the compute is counted. Nothing else is
+assumed to overlap.
+
+**On a CPU cluster** (``gpus_per_node == 0``) the host's own numbers
+(``orchestrator.planning.cpu_probe``, measured once and cached) replace what a GPU
+cluster states, unless the config sets them:
+
+- the peak is the matmul probe's at one rank's thread count times the rank's
+  share of the cores (ranks on a node share its cores: 4 single-thread ranks
+  on 2 cores each run half the time);
+- every collective also costs a measured latency: gloo all-reduces of two
+  ranks (x (t-1) for a ring of t) for each of the tp all-reduces above plus the
+  embedding's or output's and the loss's three per micro-batch, one per
+  pipeline send and per partitioned all-gather, two per dp reduction; the
+  probe runs as many processes as the run puts on the node, so waiting for a
+  time-shared peer is in it; ``intra_node_bandwidth_gbs: null`` takes its
+  measured bandwidth;
+- per step, the framework's optimiser step: the probe's fp32 AdamW seconds
+  per parameter x the stage's parameters, over the rank's share.
+
+On a GPU cluster collective latencies and framework time are not modelled
+(the plan says so). Not modelled anywhere: other processes' load on the same
+cores, the slowdown of a multi-threaded rank whose threads are descheduled,
+DeepSpeed's bf16 bookkeeping (fp32 gradient copies), data loading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from model_parallel.args import ModelArgs
+from orchestrator.config.schema import ClusterConfig, Config
+from orchestrator.planning import cpu_costs
+from orchestrator.planning.cpu_costs import CpuHost, ranks_per_node
+from orchestrator.planning.flops import hardware_flops_per_token, model_flops_per_token
+from orchestrator.planning.plan_view import PlanView
+
+GIB = 2**30
+ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: partitions start 4-byte aligned
+ZERO3_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold (DeepSpeed's default)
+
+
+def element_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes of weights, gradients and optimiser state (fp32 master + moments) on one device."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+
+def _aligned(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def zero_state_bytes(
+    groups: Sequence[Sequence[int]],
+    *,
+    zero_stage: int,
+    dp: int,
+    precision: str,
+    dp_rank: int | None = None,
+) -> ModelState:
+    """DeepSpeed's model state on one dp rank, padding included.
+
+    Only ZeRO-2's gradient buffer differs between dp ranks; ``dp_rank=None``
+    gives the fullest rank's.
+
+    ``groups``: the optimiser's parameter groups, each a list of parameter
+    sizes (elements) in module order, as this rank's module holds them.
+    """
+    e = element_bytes(precision)
+    bf16 = precision == "bf16"  # our DeepSpeed JSON accumulates bf16 gradients in fp32
+    n = sum(sum(g) for g in groups)
+    if zero_stage == 0:  # the plain optimiser: fp32 is its own master copy
+        return ModelState(n * e, n * e, n * (8 if precision == "fp32" else 12))
+    if zero_stage in (1, 2):
+        flat = [_aligned(sum(g), ZERO_ALIGNMENT * dp) for g in groups]
+        part = sum(f // dp for f in flat)
+        if zero_stage == 2 and bf16:  # its fp32 accumulation buffer: the partition
+            grads = part * 4
+        elif zero_stage == 2:  # a buffer for the gradients of the parameters its partition touches
+            touched = [_touching(g, f // dp, dp) for g, f in zip(groups, flat, strict=True)]
+            grads = e * (
+                sum(t[dp_rank] for t in touched)
+                if dp_rank is not None
+                else max(sum(t[r] for t in touched) for r in range(dp))
+            )
+        elif bf16:  # BF16_Optimizer: each .grad in bf16 and the whole flat groups in fp32
+            grads = n * e + sum(flat) * 4
+        else:  # each parameter's own .grad
+            grads = n * e
+        return ModelState(sum(flat) * e, grads, part * 12)
+    # ZeRO-3: every parameter is cut on its own into dp pieces (padded to a
+    # multiple of dp); parameters up to the persistence threshold are also
+    # kept whole between uses.
+    part = sum(-(-size // dp) for g in groups for size in g)
+    persistent = sum(size for g in groups for size in g if size <= ZERO3_PERSISTENCE_THRESHOLD)
+    return ModelState((part + persistent) * e, part * (4 if bf16 else e), part * 12)
+
+
+def _touching(sizes: Sequence[int], partition: int, dp: int) -> list[int]:
+    """Per dp rank: elements of the parameters that overlap its partition of a flat group."""
+    per_rank = [0] * dp
+    offset = 0
+    for size in sizes:
+        for rank in range(offset // partition, (offset + size - 1) // partition + 1):
+            per_rank[rank] += size
+        offset += size
+    return per_rank
+
+
+def stage_param_groups(
+    args: ModelArgs, vocab: int, tp: int, stage: int, stage_layers: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """(matrices, norm weights): sizes of one tp rank's parameters on ``stage``, in module order.
+
+    The same split as ``orchestrator.runtime.engine.param_groups`` (decay on matrices).
+    """
+    d, f = args.dim, args.hidden_dim
+    kv = kv_width_per_rank(args, tp)
+    first, last = stage_layers[stage]
+    matrices: list[int] = [vocab * d // tp] if stage == 0 else []
+    norms: list[int] = []
+    for _ in range(first, last + 1):
+        matrices += [d * d // tp, d * kv, d * kv, d * d // tp] + [d * f // tp] * 3
+        norms += [d, d]
+    if stage == len(stage_layers) - 1:
+        norms.append(d)
+        matrices.append(vocab * d // tp)
+    return matrices, norms
+
+
+def kv_width_per_rank(args: ModelArgs, tp: int) -> int:
+    """Output width of one tp rank's K (or V) projection: its KV heads x head_dim
+    (one head, replicated, when tp exceeds ``n_kv_heads``)."""
+    return args.kv_dim * args.kv_replicas(tp) // tp
+
+
+def layer_activation_bytes(
+    args: ModelArgs,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    sp: bool,
+    e: int,
+    compiled: bool = False,
+) -> float:
+    """Bytes one layer saves for backward per micro-batch (module docstring);
+    ``compiled``: what a ``torch.compile``d block saves instead."""
+    sb = micro_batch * seq_len
+    split = tp if sp else 1
+    ffn = args.hidden_dim / args.dim
+    attention = 2 * e / tp + 2 * e * kv_width_per_rank(args, tp) / args.dim  # q, out; k, v
+    if compiled:
+        norms = 2 * e / split  # the norms' inputs
+        sharded = attention + 3 * e * ffn / tp
+    else:
+        norms = (2 * 4 + 2 * e) / split  # the fp32 copies and the normalised x before the weight
+        sharded = attention + 4 * e * ffn / tp
+    linear_inputs = 2 * e  # (with sequence parallelism the all-gathered copies)
+    per_token = 2 * 4 / split + 4 * args.n_heads / tp  # RMSNorm's 1/rms, attention's logsumexp
+    return sb * args.dim * (norms + linear_inputs + sharded) + sb * per_token
+
+
+def logits_bytes(
+    args: ModelArgs,
+    vocab: int,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    e: int,
+    compiled: bool = False,
+) -> float:
+    """The last stage's output: logits, the loss's fp32 working copy and its saved
+    softmax; ``compiled``: the logits, their gradient and one logsumexp per token."""
+    sb = micro_batch * seq_len
+    if compiled:
+        return sb * vocab / tp * 2 * e + sb * 4
+    return sb * vocab / tp * (e + 4 + 4)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """One device's memory on one pipeline stage, in bytes."""
+
+    stage: int
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float
+
+    def items(self) -> tuple[tuple[str, float], ...]:
+        return (
+            ("parameters", self.params),
+            ("gradients", self.grads),
+            ("optimizer state", self.optimizer),
+            ("activations", self.activations),
+            ("logits", self.logits),
+            ("framework allowance", self.overhead),
+        )
+
+    @property
+    def total(self) -> float:
+        return sum(value for _, value in self.items())
+
+    @property
+    def largest(self) -> str:
+        return max(self.items(), key=lambda item: item[1])[0]
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimiser step, by cause (nothing overlaps)."""
+
+    compute: float
+    tp_comm: float
+    bubble: float
+    pp_comm: float
+    dp_comm: float
+    framework: float | None = None  # per-step framework time (CPU, measured); None: not modelled
+
+    @property
+    def total(self) -> float:
+        busy = self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm
+        return busy + (self.framework or 0.0)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The plan's estimate: memory per stage, time per step, throughput, verdict."""
+
+    stages: tuple[StageMemory, ...]
+    time: StepTime
+    tokens_per_s_per_device: float
+    mfu: float
+    device_memory: float  # bytes
+    peak_tflops: float  # the device's dense peak in the run's precision
+    peak_source: str = ""  # "from cluster.peak_tflops", "measured on this host (...)"
+    host: CpuHost | None = None  # a CPU plan's measured costs
+    warnings: tuple[str, ...] = ()  # e.g. bf16 emulated on this CPU
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda stage: stage.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total <= self.device_memory
+
+
+def estimate(cfg: Config, plan: PlanView) -> Estimate:
+    """Memory per stage and time per step of ``plan`` on ``cfg.cluster``."""
+    stages = tuple(stage_memory(cfg, plan, stage) for stage in range(plan.pp))
+    host = cpu_costs.cpu_host(cfg, plan)
+    time = step_time(cfg, plan, host=host)
+    tokens = plan.global_batch_size * plan.seq_len / time.total / plan.world_size
+    args = cfg.model.to_args()
+    peak, source = cfg.cluster.peak_source(cfg.train.precision, ranks_per_node=ranks_per_node(plan))
+    mfu = tokens * model_flops_per_token(args, plan.seq_len) / (peak * 1e12)
+    memory = cfg.cluster.device_memory_gb * GIB
+    warnings = cpu_costs.warnings(host, cfg.train.precision)
+    return Estimate(stages, time, tokens, mfu, memory, peak, source, host, warnings)
+
+
+def rank_model_state(
+    cfg: Config, plan: PlanView, *, stage: int, dp_rank: int | None = None
+) -> ModelState:
+    """Model state of one device of ``stage`` (``dp_rank=None``: the fullest dp rank)."""
+    args = cfg.model.to_args()
+    groups = stage_param_groups(args, plan.padded_vocab_size, plan.tp, stage, plan.stage_layers)
+    precision = cfg.train.precision
+    return zero_state_bytes(
+        groups, zero_stage=plan.zero_stage, dp=plan.dp, precision=precision, dp_rank=dp_rank
+    )
+
+
+def stage_memory(cfg: Config, plan: PlanView, stage: int) -> StageMemory:
+    """One device of ``stage``: model state for its ZeRO stage, activations in flight."""
+    args = cfg.model.to_args()
+    par = cfg.parallel
+    e = element_bytes(cfg.train.precision)
+    state = rank_model_state(cfg, plan, stage=stage)
+    sp = par.sequence_parallel and plan.tp > 1
+    shape = dict(micro_batch=plan.micro_batch_size, seq_len=plan.seq_len, tp=plan.tp)
+    compiled = cfg.model.compile
+    layer = layer_activation_bytes(args, sp=sp, e=e, compiled=compiled, **shape)
+    first, last = plan.stage_layers[stage]
+    n_layers = last - first + 1
+    in_flight = min(plan.pp - stage, plan.num_micro_batches)
+    if par.activation_checkpointing == "full":
+        layer_input = plan.micro_batch_size * plan.seq_len * args.dim * e / (plan.tp if sp else 1)
+        activations = in_flight * n_layers * layer_input + layer
+    else:
+        activations = in_flight * n_layers * layer
+    logits = 0.0
+    if stage == plan.pp - 1:
+        logits = logits_bytes(args, plan.padded_vocab_size, e=e, compiled=compiled, **shape)
+        logits += plan.micro_batch_size * plan.seq_len * args.dim * (4 + e)  # final norm
+    return StageMemory(
+        stage=stage,
+        params=state.params,
+        grads=state.grads,
+        optimizer=state.optimizer,
+        activations=activations,
+        logits=logits,
+        overhead=cfg.cluster.memory_overhead_gb * GIB,
+    )
+
+
+def _bandwidth(cluster: ClusterConfig, *, crosses_nodes: bool, host: CpuHost | None) -> float:
+    if crosses_nodes:
+        return cluster.inter_node_bandwidth_gbs * 1e9
+    if cluster.intra_node_bandwidth_gbs is not None:
+        return cluster.intra_node_bandwidth_gbs * 1e9
+    if host is None or host.comm is None:  # one CPU rank (GPU clusters state the bandwidth)
+        return math.inf
+    return host.comm.bandwidth_gbs * 1e9
+
+
+def step_time(cfg: Config, plan: PlanView, *, host: CpuHost | None = None) -> StepTime:
+    """Seconds per optimiser step (module docstring); ``host``: a CPU plan's measured costs."""
+    args, cluster = cfg.model.to_args(), cfg.cluster
+    e = element_bytes(cfg.train.precision)
+    recompute = cfg.parallel.activation_checkpointing == "full"
+    tokens = plan.global_batch_size * plan.seq_len
+    flops = hardware_flops_per_token(args, plan.seq_len, recompute=recompute) * tokens
+    peak = cluster.peak_for(cfg.train.precision, ranks_per_node=ranks_per_node(plan)) * 1e12
+    compute = flops / plan.world_size / (peak * cluster.compute_efficiency)
+    m, p, t, d = plan.num_micro_batches, plan.pp, plan.tp, plan.dp
+    allreduce_s, p2p_s = cpu_costs.latencies(host)
+    micro_bytes = plan.micro_batch_size * plan.seq_len * args.dim * e  # one (b, s, h) tensor
+    layers_per_stage = args.n_layers / p
+    all_reduces = (6 if recompute else 4) * layers_per_stage * m
+    nvlink = _bandwidth(cluster, crosses_nodes=False, host=host)
+    tp_comm = all_reduces * micro_bytes * 2 * (t - 1) / t / nvlink
+    if t > 1:  # + the embedding's or the output's, and the loss's three (last stage)
+        tp_comm += (all_reduces + (4 if p > 1 else 5) * m) * allreduce_s * (t - 1)
+    bubble = (compute + tp_comm) * (p - 1) / m
+    gpus = cluster.gpus_per_node
+    pipeline_spans_nodes = gpus > 0 and plan.world_size > gpus
+    pp_bw = _bandwidth(cluster, crosses_nodes=pipeline_spans_nodes, host=host)
+    transfers = 2 * (m + p - 1) if p > 1 else 0
+    pp_comm = transfers * (micro_bytes / t / pp_bw + p2p_s)
+    if t > 1 and not cfg.parallel.sequence_parallel:  # DeepSpeed's pipe_partitioned
+        pp_comm += transfers * (micro_bytes * (t - 1) / t / nvlink + allreduce_s * (t - 1))
+    stage_params = max(plan.stage_params_per_rank)
+    dp_bw = _bandwidth(cluster, crosses_nodes=gpus > 0 and t * d > gpus, host=host)
+    # engine.py's overlap_comm: on a GPU, ZeRO 1-3 outside the pipeline engine
+    overlap = gpus > 0 and plan.zero_stage > 0 and p == 1
+    dp_comm = _dp_comm(cfg, plan, stage_params / dp_bw, allreduce_s, compute / m, overlap)
+    framework = None
+    if host is not None:  # the optimiser's step on this rank's parameters, its share of the cores
+        framework = host.rates["adamw_s_per_param"] * stage_params / host.cpus.share
+    return StepTime(compute, tp_comm, bubble, pp_comm, dp_comm, framework)
+
+
+def _dp_comm(
+    cfg: Config,
+    plan: PlanView,
+    seconds_per_element: float,
+    latency_s: float,
+    micro_s: float,
+    overlap: bool,
+) -> float:
+    """Seconds of data-parallel communication on the critical path (module docstring).
+
+    One ring pass moves (d-1)/d of the stage's parameters. ZeRO 0-2: two passes of
+    gradients (an all-reduce; at 1/2 a reduce-scatter and the all-gather of the
+    updated weights). ZeRO-3: a reduce-scatter of gradients, and an all-gather of
+    the weights (in their own precision) before each micro-batch's forward and
+    again before its backward. With ``overlap``, a gather runs behind its
+    micro-batch's forward (1/3 of its compute ``micro_s``) or backward (2/3), and
+    the gradients' reduce-scatter behind the last backward.
+    """
+    d, m = plan.dp, plan.num_micro_batches
+    if d == 1:
+        return 0.0
+    grad_e = 2 if cfg.train.precision == "fp16" else 4  # bf16 reduces in fp32 (engine.py)
+    ring = (d - 1) / d * seconds_per_element
+    latency = latency_s * (d - 1)
+    reduce = ring * grad_e + latency
+    forward, backward = micro_s / 3, 2 * micro_s / 3
+    if plan.zero_stage < 3:
+        return (max(0.0, reduce - backward) if overlap else reduce) + reduce
+    gather = ring * element_bytes(cfg.train.precision) + latency
+    if not overlap:
+        return 2 * m * gather + reduce
+    hidden = m * max(0.0, gather - forward) + (m - 1) * max(0.0, gather - backward)
+    return hidden + max(0.0, gather + reduce - backward)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 4 else f"{n / 2**20:.1f} MiB"
+
+
+def format_estimate(est: Estimate, cluster: ClusterConfig) -> list[str]:
+    """The estimate as ``key: value`` lines for ``format_plan``."""
+    peak = est.peak
+    items = ", ".join(f"{name} {_gib(value)}" for name, value in peak.items())
+    t = est.time
+    verdict = "fits" if est.fits else "does NOT fit"
+    lines = [
+        f"memory per device (stage {peak.stage}, the fullest): {_gib(peak.total)} = {items}",
+    ]
+    if len(est.stages) > 1:
+        lines.append("memory per stage: " + ", ".join(_gib(s.total) for s in est.stages))
+    framework = "not modelled" if t.framework is None else f"{t.framework:.3f}"
+    lines += [
+        f"memory verdict: {verdict} in {_gib(est.device_memory)} ({cluster.device}); "
+        f"largest item: {peak.largest}",
+        f"step time: {t.total:.3f} s = compute {t.compute:.3f} + tp comm {t.tp_comm:.3f} "
+        f"+ bubble {t.bubble:.3f} + pp comm {t.pp_comm:.3f} + dp comm {t.dp_comm:.3f} "
+        f"+ framework {framework} "
+        f"(efficiency {cluster.compute_efficiency} of {est.peak_tflops:.3g} TFLOP/s)",
+        f"peak: {est.peak_tflops:.3g} TFLOP/s per device, {est.peak_source}",
+        cpu_costs.latency_line(est.host),
+        f"throughput: {est.tokens_per_s_per_device:,.1f} tokens/s per device, "
+        f"MFU {100 * est.mfu:.1f}%",
+        *est.warnings,
+    ]
+    return lines

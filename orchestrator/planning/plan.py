@@ -1,0 +1,433 @@
+"""Layout resolution: the cross-section rules, checked before anything starts.
+
+``resolve_plan`` is a pure function of the config. It runs every section's own
+``validate()`` first, then the rules that span sections (heads and FFN width
+divisible by tp, layers over pp, world size = tp * pp * dp, batch over
+micro-batches and dp, ...), and returns a frozen ``Plan`` with every derived
+number. A bad layout raises ``ValueError`` with one line that names the field,
+its value and the rule, printing every factor involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from model_parallel.args import ModelArgs, padded_vocab_size
+from model_parallel.layout import Layout
+from orchestrator.config.schema import (
+    ACTIVATION_CHECKPOINTING,
+    ClusterConfig,
+    Config,
+    ParallelConfig,
+)
+from orchestrator.planning import perf
+
+VOCAB_MULTIPLE = 128  # padded vocab is a multiple of VOCAB_MULTIPLE * tp
+AUTO_MICRO_BATCH_SIZES = (1, 2, 4, 8)
+AUTO_TABLE_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything derived from the layout. Layer indices are global and inclusive."""
+
+    world_size: int
+    nodes: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    global_batch_size: int
+    num_micro_batches: int  # per optimiser step, per dp rank
+    seq_len: int  # tokens per training sequence
+    padded_vocab_size: int
+    stage_layers: tuple[tuple[int, int], ...]  # (first, last) layer of each pp stage
+    num_params: int  # unpadded model, as ModelArgs.num_params()
+    num_padded_params: int  # with the embedding and output padded to padded_vocab_size
+    stage_params_per_rank: tuple[int, ...]  # parameters held by one tp rank of each stage
+    # parallel.auto: every layout considered, best first (the first is this plan's).
+    candidates: tuple[Candidate, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def grad_accumulation_steps(self) -> int:
+        return self.num_micro_batches
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout ``parallel.auto`` considered, with the plan's estimate of it."""
+
+    parallel: ParallelConfig
+    plan: Plan
+    estimate: perf.Estimate
+
+
+def resolve_plan(cfg: Config) -> Plan:
+    """Check the whole config and derive the layout; raises ``ValueError`` (one line).
+
+    With ``parallel.auto`` the plan is the best layout's (``search_layouts``).
+    """
+    if cfg.parallel.auto:
+        cfg.validate()
+        candidates = search_layouts(cfg)
+        return dataclasses.replace(candidates[0].plan, candidates=candidates)
+    return _resolve_fixed(cfg)
+
+
+def _resolve_fixed(cfg: Config) -> Plan:
+    cfg.validate()
+    par = cfg.parallel
+    args = cfg.model.to_args()
+    _check_tensor_parallel(cfg, args)
+    seq_len = _check_training(cfg, args)
+    stage_layers = _split_layers(args.n_layers, par)
+    world_size, dp, nodes = _resolve_world(par, cfg.cluster)
+    _check_fault_rank(cfg, world_size, dp)
+    num_micro_batches = _num_micro_batches(cfg.train.global_batch_size, par, dp)
+    vocab = padded_vocab_size(args.vocab_size, par.tp, multiple=VOCAB_MULTIPLE)
+    return Plan(
+        world_size=world_size,
+        nodes=nodes,
+        tp=par.tp,
+        pp=par.pp,
+        dp=dp,
+        zero_stage=par.zero_stage,
+        micro_batch_size=par.micro_batch_size,
+        global_batch_size=cfg.train.global_batch_size,
+        num_micro_batches=num_micro_batches,
+        seq_len=seq_len,
+        padded_vocab_size=vocab,
+        stage_layers=stage_layers,
+        num_params=args.num_params(),
+        num_padded_params=args.num_params() + 2 * (vocab - args.vocab_size) * args.dim,
+        stage_params_per_rank=_stage_params_per_rank(args, vocab, par.tp, stage_layers),
+    )
+
+
+def validate_config(cfg: Config) -> Plan:
+    """The entry point's one check of a whole config; returns the resolved plan.
+
+    Every section's own ``validate()`` runs first (inside ``resolve_plan``, so
+    the cross-section arithmetic can assume positive sizes), then the rules
+    that span sections. With ``parallel.auto`` the chosen layout replaces
+    ``cfg.parallel`` here, so the run directory's config and every rank see
+    the concrete layout.
+    """
+    plan = resolve_plan(cfg)
+    if plan.candidates:
+        cfg.parallel = plan.candidates[0].parallel
+    return plan
+
+
+def _check_tensor_parallel(cfg: Config, args: ModelArgs) -> None:
+    tp = cfg.parallel.tp
+    if args.n_heads % tp != 0:
+        raise ValueError(f"parallel.tp={tp}: model.n_heads({args.n_heads}) must be divisible by tp")
+    if args.hidden_dim % tp != 0:
+        raise ValueError(
+            f"parallel.tp={tp}: FFN hidden width({args.hidden_dim}) = ffn_hidden_dim("
+            f"model.dim({args.dim}), model.multiple_of({args.multiple_of})) "
+            "must be divisible by tp"
+        )
+    gpus = cfg.cluster.gpus_per_node
+    if gpus > 0 and gpus % tp != 0:
+        raise ValueError(
+            f"parallel.tp={tp}: cluster.gpus_per_node({gpus}) must be divisible by tp "
+            "(a tensor-parallel group must stay inside one node)"
+        )
+    if cfg.parallel.sequence_parallel and args.max_seq_len % tp != 0:
+        raise ValueError(
+            f"parallel.sequence_parallel=true: model.max_seq_len({args.max_seq_len}) "
+            f"must be divisible by tp({tp})"
+        )
+
+
+def _check_training(cfg: Config, args: ModelArgs) -> int:
+    """Rules between train, model and parallel; returns the training sequence length."""
+    seq_len = cfg.train.seq_len or args.max_seq_len
+    if seq_len > args.max_seq_len:
+        raise ValueError(
+            f"train.seq_len={seq_len}: must be <= model.max_seq_len({args.max_seq_len})"
+        )
+    tp = cfg.parallel.tp
+    if cfg.parallel.sequence_parallel and seq_len % tp != 0:
+        raise ValueError(
+            f"parallel.sequence_parallel=true: train.seq_len({seq_len}) must be divisible by tp({tp})"
+        )
+    if cfg.train.precision == "bf16" and cfg.parallel.zero_stage == 0:
+        # pp = 1: DeepSpeed's ZeRO-0 keeps bf16 gradients and the weights drift;
+        # pp > 1: its engine refuses bf16 weights with fp32 gradient accumulation.
+        raise ValueError(
+            "parallel.zero_stage=0: train.precision=bf16 needs parallel.zero_stage >= 1 "
+            "(DeepSpeed's ZeRO-0 accumulates bf16 gradients, or with pp > 1 refuses "
+            "fp32 accumulation)"
+        )
+    return seq_len
+
+
+def _check_fault_rank(cfg: Config, world_size: int, dp: int) -> None:
+    """faults.inject_rank must be a rank that computes a loss: any rank, or the last stage's."""
+    rank = cfg.faults.inject_rank
+    if rank is None:
+        return
+    par = cfg.parallel
+    # the last pipeline stage's ranks are first..world-1
+    first = Layout(tp=par.tp, pp=par.pp, dp=dp).rank(tp_rank=0, dp_rank=0, pp_rank=par.pp - 1)
+    if not first <= rank < world_size:
+        where = "the last pipeline stage, where the loss is computed" if par.pp > 1 else "the job"
+        raise ValueError(
+            f"faults.inject_rank={rank}: must be a rank of {where} ({first}..{world_size - 1})"
+        )
+
+
+def _split_layers(n_layers: int, par: ParallelConfig) -> tuple[tuple[int, int], ...]:
+    """(first, last) global layer index of each pipeline stage."""
+    if par.pipeline_split is None:
+        if n_layers % par.pp != 0:
+            raise ValueError(
+                f"parallel.pp={par.pp}: model.n_layers({n_layers}) must be divisible by pp "
+                "(or set parallel.pipeline_split)"
+            )
+        counts = [n_layers // par.pp] * par.pp
+    else:
+        counts = list(par.pipeline_split)
+        if sum(counts) != n_layers:
+            raise ValueError(
+                f"parallel.pipeline_split={counts}: sums to {sum(counts)} "
+                f"!= model.n_layers({n_layers})"
+            )
+    stages = []
+    first = 0
+    for count in counts:
+        stages.append((first, first + count - 1))
+        first += count
+    return tuple(stages)
+
+
+def _resolve_world(par: ParallelConfig, cluster: ClusterConfig) -> tuple[int, int, int]:
+    """(world_size, dp, nodes). dp == -1 is derived from the cluster when nodes is set."""
+    model_parallel = par.tp * par.pp
+    gpus = cluster.gpus_per_node
+    if gpus == 0 and cluster.nodes not in (None, 1):  # CPU workers: this one machine
+        raise ValueError(
+            f"cluster.nodes={cluster.nodes}: a CPU cluster (gpus_per_node=0) "
+            "runs on one node; set nodes to null or 1"
+        )
+    if cluster.nodes is None or gpus == 0:
+        dp = 1 if par.dp == -1 else par.dp
+        world_size = model_parallel * dp
+        per_node = gpus or cluster.tasks_per_node or world_size  # CPU: tasks_per_node ranks each
+        nodes = -(-world_size // per_node)
+        return world_size, dp, nodes
+    world_size = cluster.nodes * gpus
+    world = (
+        f"world_size({world_size}) = cluster.nodes({cluster.nodes}) * cluster.gpus_per_node({gpus})"
+    )
+    if par.dp == -1:
+        if world_size % model_parallel != 0:
+            raise ValueError(
+                f"parallel.dp=-1: {world} is not divisible by "
+                f"tp({par.tp}) * pp({par.pp}) = {model_parallel}"
+            )
+        return world_size, world_size // model_parallel, cluster.nodes
+    if model_parallel * par.dp != world_size:
+        raise ValueError(
+            f"parallel: tp({par.tp}) * pp({par.pp}) * dp({par.dp}) = "
+            f"{model_parallel * par.dp} != {world}"
+        )
+    return world_size, par.dp, cluster.nodes
+
+
+def _num_micro_batches(global_batch_size: int, par: ParallelConfig, dp: int) -> int:
+    per_micro_step = par.micro_batch_size * dp
+    if global_batch_size % per_micro_step != 0:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size}: must be divisible by "
+            f"parallel.micro_batch_size({par.micro_batch_size}) * dp({dp}) = {per_micro_step}"
+        )
+    num_micro_batches = global_batch_size // per_micro_step
+    if par.pp > 1 and num_micro_batches < par.pp:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size}: gives {num_micro_batches} "
+            f"micro-batches = global_batch_size({global_batch_size}) / (micro_batch_size"
+            f"({par.micro_batch_size}) * dp({dp})), fewer than pp({par.pp}); "
+            "the 1F1B schedule needs at least pp"
+        )
+    return num_micro_batches
+
+
+def _stage_params_per_rank(
+    args: ModelArgs, vocab: int, tp: int, stage_layers: tuple[tuple[int, int], ...]
+) -> tuple[int, ...]:
+    """Parameters one tp rank holds on each stage.
+
+    Attention (wq, wk, wv, wo) and the SwiGLU MLP (w1, w2, w3) are split over tp;
+    wk and wv are ``dim x kv_dim`` (grouped-query attention), and when tp exceeds
+    the KV heads each rank holds a whole one (``kv_replicas`` copies over tp).
+    The two RMSNorm weights per layer and the final norm are replicated. The
+    embedding sits on the first stage and the final norm and output on the last.
+    """
+    dim = args.dim
+    kv = 2 * dim * args.kv_dim * args.kv_replicas(tp)
+    per_layer = (2 * dim * dim + kv + 3 * dim * args.hidden_dim) // tp + 2 * dim
+    vocab_shard = vocab * dim // tp
+    params = []
+    for stage, (first, last) in enumerate(stage_layers):
+        n = (last - first + 1) * per_layer
+        if stage == 0:
+            n += vocab_shard
+        if stage == len(stage_layers) - 1:
+            n += dim + vocab_shard
+        params.append(n)
+    return tuple(params)
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def format_plan(plan: Plan, cfg: Config) -> str:
+    """A human-readable, greppable summary: one ``key: value`` per line."""
+    m, c = cfg.model, cfg.cluster
+    args = m.to_args()
+    noun = "node" if plan.nodes == 1 else "nodes"
+    if c.gpus_per_node == 0:
+        nodes = f"{plan.nodes} {noun}, {plan.world_size} CPU worker processes"
+    else:
+        nodes = f"{plan.nodes} {noun} x {c.gpus_per_node} GPUs ({c.device})"
+    lines = [
+        f"model: {m.name}, {_billions(plan.num_params)} params (dim {m.dim}, "
+        f"{m.n_layers} layers, {m.n_heads} heads, ffn {args.hidden_dim}, seq {m.max_seq_len})",
+        f"cluster: {c.name}, {nodes}",
+        f"world size: {plan.world_size} = tp({plan.tp}) * pp({plan.pp}) * dp({plan.dp})",
+        f"zero stage: {plan.zero_stage}",
+        f"batch: global {plan.global_batch_size} sequences = micro {plan.micro_batch_size} "
+        f"* dp {plan.dp} * {plan.num_micro_batches} micro-batches",
+        f"grad accumulation steps: {plan.grad_accumulation_steps}",
+        f"vocab: {m.vocab_size} -> padded {plan.padded_vocab_size} "
+        f"(multiple of {VOCAB_MULTIPLE}*tp = {VOCAB_MULTIPLE * plan.tp})",
+    ]
+    for stage, ((first, last), params) in enumerate(
+        zip(plan.stage_layers, plan.stage_params_per_rank, strict=True)
+    ):
+        lines.append(
+            f"stage {stage}: layers {first}-{last} ({last - first + 1}), "
+            f"{params:,} params per rank ({_billions(params)})"
+        )
+    lines.append(
+        f"total params: {plan.num_params:,} ({_billions(plan.num_params)}; "
+        f"{plan.num_padded_params:,} with padded vocab)"
+    )
+    if plan.candidates:
+        cfg = dataclasses.replace(cfg, parallel=plan.candidates[0].parallel)
+        lines += _format_candidates(plan.candidates)
+    lines += perf.format_estimate(perf.estimate(cfg, plan), cfg.cluster)
+    return "\n".join(lines)
+
+
+def search_layouts(cfg: Config) -> tuple[Candidate, ...]:
+    """Every valid layout of ``cfg.model`` on ``cfg.cluster``, estimated; the best that fits first.
+
+    tp divides the GPUs of a node (a tp group stays inside one), the heads and
+    the FFN width; pp divides the layers; dp fills the cluster; ZeRO 0-3 (<= 1
+    with a pipeline, >= 1 in bf16/fp16); micro-batches of 1, 2, 4 or 8;
+    activation checkpointing none or full; sequence parallelism whenever tp > 1.
+    Ranked by predicted tokens/s, then by memory. Raises ``ValueError`` when
+    no layout fits the device memory.
+    """
+    world = _auto_world_size(cfg)
+    found = []
+    for par in _layouts(cfg, world):
+        trial = dataclasses.replace(cfg, parallel=par)
+        try:
+            plan = _resolve_fixed(trial)
+        except ValueError:  # e.g. heads not divisible by tp, batch not by micro-batch * dp
+            continue
+        found.append(Candidate(par, plan, perf.estimate(trial, plan)))
+    model = f"model={cfg.model.name}"
+    if not found:
+        raise ValueError(f"parallel.auto=true: {model} has no valid layout on {world} devices")
+    found.sort(key=_rank_key)
+    if not found[0].estimate.fits:
+        smallest = min(found, key=lambda c: c.estimate.peak.total)
+        raise ValueError(
+            f"parallel.auto=true: none of the {len(found)} layouts of {model} on {world} devices "
+            f"fits cluster.device_memory_gb({cfg.cluster.device_memory_gb}); the smallest, "
+            f"{_describe(smallest.parallel)}, needs {smallest.estimate.peak.total / perf.GIB:.1f} GiB"
+        )
+    return tuple(found)
+
+
+def _rank_key(c: Candidate) -> tuple[bool, float, float]:
+    return (not c.estimate.fits, -c.estimate.tokens_per_s_per_device, c.estimate.peak.total)
+
+
+def _auto_world_size(cfg: Config) -> int:
+    cluster = cfg.cluster
+    if cluster.gpus_per_node == 0 or cluster.nodes is None:
+        raise ValueError(
+            f"parallel.auto=true: needs a GPU cluster with cluster.nodes set (the devices to fill); "
+            f"cluster={cluster.name} has nodes={cluster.nodes}, gpus_per_node={cluster.gpus_per_node}"
+        )
+    return cluster.nodes * cluster.gpus_per_node
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _layouts(cfg: Config, world: int) -> list[ParallelConfig]:
+    args = cfg.model.to_args()
+    seq_len = cfg.train.seq_len or args.max_seq_len
+    # DeepSpeed refuses bf16 weights with fp32 gradient accumulation at ZeRO-0.
+    min_zero = 0 if cfg.train.precision == "fp32" else 1
+    out = []
+    for tp in _divisors(cfg.cluster.gpus_per_node):
+        for pp in _divisors(args.n_layers):
+            if world % (tp * pp) != 0:
+                continue
+            for zero in range(min_zero, 2 if pp > 1 else 4):
+                for micro in AUTO_MICRO_BATCH_SIZES:
+                    for checkpointing in ACTIVATION_CHECKPOINTING:
+                        out.append(
+                            ParallelConfig(
+                                name="auto",
+                                tp=tp,
+                                pp=pp,
+                                dp=world // (tp * pp),
+                                zero_stage=zero,
+                                sequence_parallel=tp > 1 and seq_len % tp == 0,
+                                activation_checkpointing=checkpointing,
+                                micro_batch_size=micro,
+                            )
+                        )
+    return out
+
+
+def _describe(par: ParallelConfig) -> str:
+    return (
+        f"tp{par.tp} pp{par.pp} dp{par.dp} zero{par.zero_stage} micro{par.micro_batch_size} "
+        f"checkpointing={par.activation_checkpointing}"
+    )
+
+
+def _format_candidates(candidates: tuple[Candidate, ...]) -> list[str]:
+    fitting = sum(c.estimate.fits for c in candidates)
+    shown = candidates[:AUTO_TABLE_ROWS]
+    lines = [
+        f"parallel=auto: chose {_describe(candidates[0].parallel)}",
+        f"parallel=auto: {len(candidates)} valid layouts, {fitting} fit; "
+        f"the best {len(shown)} by predicted tokens/s:",
+        "   #  tp  pp    dp  zero  micro  ckpt  memory GiB  fits  tokens/s/device    MFU",
+    ]
+    for i, c in enumerate(shown, start=1):
+        p, e = c.parallel, c.estimate
+        lines.append(
+            f"{i:4d} {p.tp:3d} {p.pp:3d} {p.dp:5d} {p.zero_stage:5d} {p.micro_batch_size:6d}  "
+            f"{p.activation_checkpointing:>4}  {e.peak.total / perf.GIB:10.2f}  "
+            f"{'yes' if e.fits else 'no':>4}  {e.tokens_per_s_per_device:15,.1f}  "
+            f"{100 * e.mfu:5.1f}%"
+        )
+    return lines

@@ -1,0 +1,13 @@
+"""One rank of a run: from ``python -m orchestrator.runtime.worker`` to its last step.
+
+- ``dist_env``: the only reader of the launcher's environment variables.
+- ``worker``: a rank's entry point; ``train``: the training loop.
+- ``engine``: the DeepSpeed engine and its JSON; ``ds_compat``: every use of
+  DeepSpeed beyond its public API, behind one door.
+- ``startup``, ``faults``: start-up phases, stop signals, the hang watchdog.
+- ``numerics``: bad steps and roll-backs; ``commwait``: time inside collectives.
+- ``monitor``: the banner, progress lines and metrics sinks; ``schedule``: the
+  learning-rate schedule; ``cpu_allocator``: tcmalloc for CPU workers.
+
+Never imports ``orchestrator.launch``.
+"""
