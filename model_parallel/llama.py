@@ -232,14 +232,11 @@ def init_parameters(
 
 
 class Transformer(nn.Module):
-    """LLaMA, or the part of it one pipeline stage holds.
+    """LLaMA, whole (pp = 1): token ids ``(B, S)`` to logits ``(B, S, V_pad/tp)``.
 
-    ``layers`` selects the global layer numbers this stage holds (default:
-    all); ``pre_process`` adds the embedding (input: token ids ``(B, S)``),
-    ``post_process`` the final norm and the vocab-parallel output layer
-    (output: logits ``(B, S, V_pad/tp)``; otherwise the hidden state).
-    With sequence parallelism the hidden state between layers and stages is
-    ``(B, S/tp, H)``.
+    With sequence parallelism the hidden state between layers is ``(B, S/tp, H)``.
+    Pipeline stages are carved in one place, ``model_parallel.pipeline``, from
+    the same layers under the same global names, so the weights agree.
     """
 
     def __init__(
@@ -247,9 +244,6 @@ class Transformer(nn.Module):
         args: ModelArgs,
         *,
         groups: ProcessGroups | None = None,
-        layers: range | None = None,
-        pre_process: bool = True,
-        post_process: bool = True,
         sequence_parallel: bool = False,
         activation_checkpointing: bool = False,
         seed: int = 0,
@@ -262,41 +256,28 @@ class Transformer(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.compiled_loss = False  # set by compile_model
         self.padded_vocab_size = padded_vocab_size(args.vocab_size, groups.tp_size)
-        layers = range(args.n_layers) if layers is None else layers
         sp, tp_group = self.sequence_parallel, self.tp_group
 
-        self.tok_embeddings = (
-            VocabParallelEmbedding(
-                self.padded_vocab_size,
-                args.dim,
-                tp_group=tp_group,
-                vocab_size=args.vocab_size,
-                sequence_parallel=sp,
-            )
-            if pre_process
-            else None
+        self.tok_embeddings = VocabParallelEmbedding(
+            self.padded_vocab_size,
+            args.dim,
+            tp_group=tp_group,
+            vocab_size=args.vocab_size,
+            sequence_parallel=sp,
         )
         self.layers = nn.ModuleDict(
             {
                 str(i): TransformerBlock(args, tp_group=tp_group, sequence_parallel=sp)
-                for i in layers
+                for i in range(args.n_layers)
             }
         )
-        self.norm = (
-            RMSNorm(args.dim, args.norm_eps, tp_group=tp_group, sequence_parallel=sp)
-            if post_process
-            else None
-        )
-        self.output = (
-            ColumnParallelLinear(
-                args.dim,
-                self.padded_vocab_size,
-                tp_group=tp_group,
-                sequence_parallel=sp,
-                full_out_features=args.vocab_size,
-            )
-            if post_process
-            else None
+        self.norm = RMSNorm(args.dim, args.norm_eps, tp_group=tp_group, sequence_parallel=sp)
+        self.output = ColumnParallelLinear(
+            args.dim,
+            self.padded_vocab_size,
+            tp_group=tp_group,
+            sequence_parallel=sp,
+            full_out_features=args.vocab_size,
         )
         self.init_weights(seed)
 
@@ -305,14 +286,12 @@ class Transformer(nn.Module):
         init_parameters(self, self.args, seed=seed, tp_group=self.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        h = self.tok_embeddings(x)
         for layer in self.layers.values():
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, use_reentrant=False)
             else:
                 h = layer(h)
-        if self.norm is None or self.output is None:
-            return h
         return self.output(self.norm(h))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ keeps the weights only in its partitioned optimiser files).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -20,18 +21,6 @@ import torch
 from model_parallel.args import ModelArgs
 from orchestrator.state.convert import StateDict, from_hf, hf_config, load_meta_checkpoint, to_hf
 
-# Axis along which this project's tensor-parallel layers split each parameter.
-_TP_DIM = {
-    "tok_embeddings.weight": 0,  # vocab-parallel (rows), padded
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w3.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "output.weight": 0,  # padded
-}
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
@@ -40,10 +29,28 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@functools.cache
+def _tp_dims() -> dict[str, int]:
+    """The axis each sharded parameter is split along, as the layers record it.
+
+    Read off a one-block model (the names and the axes do not depend on the
+    sizes): Meta's names, a block's parameters without their ``layers.N.``.
+    """
+    from model_parallel.layers import is_sharded
+    from model_parallel.llama import Transformer
+
+    tiny = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=8, max_seq_len=8)
+    return {
+        name.removeprefix("layers.0."): param.partition_dim  # type: ignore[attr-defined]
+        for name, param in Transformer(tiny).named_parameters()
+        if is_sharded(param)
+    }
+
+
 def tp_dim(name: str) -> int | None:
     """The axis tp splits parameter ``name`` (Meta's name) along, or None (replicated)."""
     rest = name.split(".", 2)[2] if name.startswith("layers.") else name
-    return _TP_DIM.get(rest)
+    return _tp_dims().get(rest)
 
 
 def tp_replicas(name: str, args: ModelArgs, tp: int) -> int:

@@ -1,0 +1,30 @@
+"""``orchestrator.state.weights``' split axes come from what the layers record."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_parallel.args import ModelArgs
+from model_parallel.layers import is_sharded
+from model_parallel.llama import Transformer
+from orchestrator.state.weights import tp_dim
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ModelArgs(dim=64, n_layers=3, n_heads=4, vocab_size=300, multiple_of=32),
+        ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=1000, multiple_of=48),
+    ],
+    ids=["mha", "gqa"],
+)
+def test_tp_dim_is_the_axis_every_layer_records(args: ModelArgs) -> None:
+    model = Transformer(args)
+    for name, param in model.named_parameters():
+        expected = param.partition_dim if is_sharded(param) else None
+        assert tp_dim(name) == expected, name
+    # the row-parallel layers split their input axis, the rest their output axis
+    assert tp_dim("layers.1.attention.wo.weight") == 1
+    assert tp_dim("layers.1.feed_forward.w2.weight") == 1
+    assert tp_dim("output.weight") == 0
+    assert tp_dim("layers.0.attention_norm.weight") is None
