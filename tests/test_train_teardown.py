@@ -24,6 +24,7 @@ import json, os, sys, threading
 from pathlib import Path
 import torch.distributed as dist
 from orchestrator.runtime import train as train_module
+from orchestrator.runtime.steppers import DataParallelStepper
 from orchestrator.runtime.commwait import COLLECTIVES
 from orchestrator.config.compose import compose_config
 from orchestrator.planning.plan import validate_config
@@ -44,8 +45,8 @@ def failing_step(*args, **kwargs):
         raise RuntimeError("the second step fails")
     return original(*args, **kwargs)
 
-original = train_module._data_parallel_step
-train_module._data_parallel_step = failing_step
+original = DataParallelStepper.train_step
+DataParallelStepper.train_step = failing_step
 try:
     train_module.train(cfg, run_dir)
     raised = None

@@ -1,7 +1,10 @@
 """One rank of a run: from ``python -m orchestrator.runtime.worker`` to its last step.
 
 - ``dist_env``: the only reader of the launcher's environment variables.
-- ``worker``: a rank's entry point; ``train``: the training loop.
+- ``worker``: a rank's entry point; ``train``: the training loop, top to bottom;
+  ``steppers``: one step and one evaluation per engine kind; ``resume``: the
+  built ``Run`` and its checkpoint save, restore and roll-back; ``aids``: the
+  ``faults.inject_*`` testing aids behind the loop's hooks.
 - ``engine``: the DeepSpeed engine and its JSON; ``ds_compat``: every use of
   DeepSpeed beyond its public API, behind one door.
 - ``startup``, ``faults``: start-up phases, stop signals, the hang watchdog.

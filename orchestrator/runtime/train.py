@@ -4,9 +4,11 @@ init distributed -> layout and groups -> data -> model -> DeepSpeed engine -> lo
 
 Rank 0 prints the start-up banner and one progress line per logging interval
 and writes ``metrics.jsonl`` and TensorBoard events (``orchestrator.runtime.monitor``);
-the loss it reports is the global-batch mean (DeepSpeed's pipeline engine
-computes it on the last stage and broadcasts it to every stage; without a
-pipeline we average over micro-batches and dp ranks).
+the loss it reports is the global-batch mean. What the loop leans on, each in
+its own module: the step of its engine kind (``orchestrator.runtime.steppers``),
+the checkpoint operations on the built ``Run`` (``orchestrator.runtime.resume``),
+the bad-step verdicts (``orchestrator.runtime.numerics``) and the testing aids
+behind two hooks (``orchestrator.runtime.aids``). Teardown is an ``ExitStack``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model_parallel.cross_entropy import masked_mean
 from model_parallel.groups import ProcessGroups
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer
 from model_parallel.pipeline import LlamaPipeline, load_stage_state_dict
 from orchestrator.config.schema import Config
-from orchestrator.data import Batch, MicroBatchSource
 from orchestrator.data.build import build_sources
 from orchestrator.planning.plan import Plan, resolve_plan
 from orchestrator.runtime import engine as ds_engine
+from orchestrator.runtime import resume
+from orchestrator.runtime.aids import TestingAids
 from orchestrator.runtime.commwait import CommWaitClock
 from orchestrator.runtime.dist_env import console_fd, init_process_group, read_env
 from orchestrator.runtime.faults import (
@@ -46,9 +46,11 @@ from orchestrator.runtime.faults import (
     Watchdog,
 )
 from orchestrator.runtime.monitor import Monitor, banner, loss_scale
-from orchestrator.runtime.numerics import LossFault, NumericsGuard, agree
+from orchestrator.runtime.numerics import NumericsGuard, agree
+from orchestrator.runtime.resume import Run
 from orchestrator.runtime.startup import StartupSignals, phase_label
-from orchestrator.state import checkpoint, reshard
+from orchestrator.runtime.steppers import stepper_for
+from orchestrator.state import checkpoint
 from orchestrator.state.weights import read_pretrained
 
 log = logging.getLogger("orchestrator.runtime.train")
@@ -64,6 +66,7 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
     env = read_env()
     _setup_logging(env.rank)
     signals.who = f"rank {env.rank}"
+    aids = TestingAids(cfg.faults, rank=env.rank)
     # Beats finer than the hang limit: a frozen rank is silent for several intervals when
     # its peers' watchdogs fire, so rank 0 can tell it from ranks waiting on it.
     beat_interval = min(cfg.faults.heartbeat_interval_s, cfg.faults.hang_timeout_s / 8)
@@ -85,8 +88,7 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             """The next start-up phase: in the heartbeat, under the watchdog's start-up limit."""
             signals.phase = phase
             watchdog.progress(step, phase_label(phase))
-            if env.rank == cfg.faults.inject_stall_rank and phase == cfg.faults.inject_stall_phase:
-                threading.Event().wait()  # a testing aid: stuck here for good
+            aids.at_phase(phase)
 
         enter("rendezvous")
         # Collectives time out well after the watchdog, so its clearer message comes first.
@@ -114,13 +116,20 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
         model = model.to(device)
         enter("engine")
         engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
-        layout = checkpoint.LayoutRecord.from_plan(plan)
+        run = Run(cfg, plan, groups, run_dir, engine, data)
+        stepper = stepper_for(
+            engine,
+            model,
+            num_micro_batches=plan.num_micro_batches,
+            groups=groups,
+            loss_hook=aids.loss_hook,
+        )
         enter("checkpoint search")
-        tag = checkpoint.find_resumable(run_dir, layout) if cfg.run.resume == "auto" else None
+        tag = checkpoint.find_resumable(run_dir, run.layout) if cfg.run.resume == "auto" else None
         start_step = 0
         if tag is not None:
-            enter("re-shard" if _needs_reshard(run_dir, tag, layout) else "checkpoint load")
-            start_step = _restore(engine, cfg, plan, groups, run_dir, tag, data)
+            enter("re-shard" if resume.needs_reshard(run, tag) else "checkpoint load")
+            start_step = resume.restore(run, tag)
         if env.rank == 0:
             resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
             log.info("\n%s", banner(cfg, plan, run_dir, resume=resume_point))
@@ -132,15 +141,7 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             if valid_data is None or not interval or (step % interval and step != cfg.train.steps):
                 return
             watchdog.progress(step, phase)
-            loss = _evaluate(engine, model, valid_data, plan, groups, iters=cfg.train.eval_iters)
-            monitor.eval_done(step, loss)
-
-        def save(step: int) -> None:
-            watchdog.progress(step, "checkpoint save")
-            tokens = _consumed_tokens(data, plan)  # more than step x batch after a rollback
-            state = checkpoint.TrainingState(step, tokens, data.state_dict(), layout)
-            path = checkpoint.save(engine, run_dir, state, keep=cfg.checkpoint.keep)
-            log.info("step %d/%d | checkpoint %s", step, cfg.train.steps, path)
+            monitor.eval_done(step, stepper.evaluate(valid_data, cfg.train.eval_iters))
 
         batches = iter(data)
         guard = NumericsGuard(
@@ -149,15 +150,6 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             spike_window=cfg.faults.spike_window,
             fp16=cfg.train.precision == "fp16",
         )
-        fault = LossFault(
-            nan_at=cfg.faults.inject_nan_at_steps,
-            inf_grad_at=cfg.faults.inject_inf_grad_at_steps,
-            spike_at=cfg.faults.inject_spike_at_steps,
-            only_rank=cfg.faults.inject_rank,
-            rank=env.rank,
-        )
-        if isinstance(model, LlamaPipeline) and fault.active:
-            model.loss_fn.hook = fault  # the last stage computes each micro-batch's loss
         stopping = save_failed = False
         if start_step == 0:
             evaluate(0, phase_label("first evaluation"))
@@ -171,16 +163,10 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             if not watchdog.in_startup:
                 watchdog.progress(step, f"training step {step + 1}")
             start, waited_before = time.perf_counter(), comm_wait.total
-            if env.rank == cfg.faults.inject_slow_rank:
-                time.sleep(cfg.faults.inject_slow_s)  # a testing aid: a straggler
+            aids.before_step(int(data.state_dict()["position"]) // plan.num_micro_batches + 1)
             lr = engine.get_lr()[0]
             skips_before = engine.skipped_steps
-            fault.arm(int(data.state_dict()["position"]) // plan.num_micro_batches + 1)
-            if plan.pp > 1:
-                loss = float(engine.train_batch(data_iter=batches))
-                grad_norm = engine.get_global_grad_norm()
-            else:
-                loss, grad_norm = _data_parallel_step(engine, model, batches, plan, groups, fault)
+            loss, grad_norm = stepper.train_step(batches)
             elapsed = time.perf_counter() - start
             watchdog.end_startup()
             waited = comm_wait.total - waited_before
@@ -193,10 +179,10 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
                 step=done,
                 loss=seen,
                 lr=lr,
-                grad_norm=None if grad_norm is None else float(grad_norm),
+                grad_norm=grad_norm,
                 elapsed=elapsed,
                 comm_wait=waited,
-                consumed_tokens=_consumed_tokens(data, plan),
+                consumed_tokens=run.consumed_tokens(),
                 skipped_steps=guard.skipped_total,
                 loss_scale=scale,
                 scaler_skips=guard.scaler_skips,
@@ -222,7 +208,7 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
                     grad_norm,
                 )
             if verdict.rollback:
-                step = _roll_back(engine, cfg, plan, groups, run_dir, data, verdict.rollback, done)
+                step = resume.roll_back(run, verdict.rollback, done)
                 guard.after_rollback()
                 continue
             evaluate(done)
@@ -236,7 +222,8 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
                 or (interval and done % interval == 0)
             ):
                 try:
-                    save(done)
+                    watchdog.progress(done, "checkpoint save")
+                    resume.save(run, done)
                 except checkpoint.CheckpointSaveError as exc:  # on every rank: end the run
                     log.error("step %d/%d | %s", done, cfg.train.steps, exc)
                     save_failed = True
@@ -274,87 +261,6 @@ def _load_pretrained(model: torch.nn.Module, cfg: Config) -> None:
     log.info("initialised from %s", cfg.model.init_from)
 
 
-def _needs_reshard(run_dir: Path, tag: str, layout: checkpoint.LayoutRecord) -> bool:
-    """Whether checkpoint ``tag`` was written by another layout (``_restore`` re-shards it)."""
-    saved = checkpoint.read_layout(checkpoint.checkpoint_dir(run_dir) / tag)
-    return saved is not None and saved != layout
-
-
-def _consumed_tokens(data: MicroBatchSource, plan: Plan) -> int:
-    """Tokens of every sample handed out so far (rollbacks move data forward, not back)."""
-    micro_batches = int(data.state_dict()["position"])
-    return micro_batches * plan.micro_batch_size * plan.dp * plan.seq_len
-
-
-def _roll_back(
-    engine: Any,
-    cfg: Config,
-    plan: Plan,
-    groups: ProcessGroups,
-    run_dir: Path,
-    data: MicroBatchSource,
-    why: str,
-    step: int,
-) -> int:
-    """Reload the last checkpoint; the data stream goes on past the offending batches."""
-    tag = checkpoint.find_resumable(run_dir, checkpoint.LayoutRecord.from_plan(plan))
-    if tag is None:
-        raise RuntimeError(f"step {step}: {why}, and there is no checkpoint to roll back to")
-    position = data.state_dict()
-    restored = _restore(engine, cfg, plan, groups, run_dir, tag, data)
-    data.load_state_dict(position)
-    log.warning(
-        "step %d | %s: rolled back to %s (step %d); data continues past the bad batches",
-        step,
-        why,
-        tag,
-        restored,
-    )
-    return restored
-
-
-def _restore(
-    engine: Any,
-    cfg: Config,
-    plan: Plan,
-    groups: ProcessGroups,
-    run_dir: Path,
-    tag: str,
-    data: MicroBatchSource,
-) -> int:
-    """Load checkpoint ``tag`` into the engine and the data position; the step to go on from.
-
-    A checkpoint of this layout goes through DeepSpeed's loader (bit-exact);
-    one of another layout through the layout-free form (``orchestrator.state.reshard``).
-    """
-    path = checkpoint.checkpoint_dir(run_dir) / tag
-    saved = checkpoint.read_layout(path)
-    current = checkpoint.LayoutRecord.from_plan(plan)
-    if saved is None or saved == current:
-        state = checkpoint.load(engine, run_dir, tag)
-        log.info("resumed from %s at step %d", tag, state.step)
-    else:
-        state, source = reshard.load_resharded(
-            engine,
-            path,
-            args=cfg.model.to_args(),
-            pp=plan.pp,
-            tp_group=groups.tp_group,
-            dp=plan.dp,
-            micro_batch=plan.micro_batch_size,
-        )
-        log.info(
-            "resumed from %s at step %d, re-sharded from %s to %s (this rank read %.1f MiB)",
-            tag,
-            state.step,
-            saved.describe(),
-            current.describe(),
-            source.bytes_read / 2**20,
-        )
-    data.load_state_dict(state.data)
-    return state.step
-
-
 def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Module:
     """The whole model (pp = 1) or this rank's pipeline stage (pp > 1)."""
     args = cfg.model.to_args()
@@ -375,68 +281,6 @@ def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Modu
         activation_checkpointing=checkpointing,
         seed=cfg.train.seed,
     )
-
-
-def _data_parallel_step(
-    engine: Any,
-    model: Any,
-    batches: Iterator[Batch],
-    plan: Plan,
-    groups: ProcessGroups,
-    fault: LossFault,
-) -> tuple[float, float | None]:
-    """One optimiser step as ``num_micro_batches`` forward/backward passes.
-
-    Returns the mean loss over the global batch and the gradient norm.
-    """
-    device = next(model.parameters()).device
-    total = torch.zeros((), device=device)
-    for _ in range(plan.num_micro_batches):
-        inputs, labels = next(batches)
-        labels = labels.to(device)
-        loss = masked_mean(model.loss(engine(inputs.to(device)), labels), labels)
-        loss = fault(loss)  # testing aids (faults.inject_*); the loss itself when none is armed
-        engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
-        # Updates the weights at the last micro-batch only; a NaN/Inf gradient norm skips
-        # the update at every ZeRO stage (orchestrator.runtime.engine, orchestrator.runtime.numerics).
-        engine.step()
-        total += loss.detach().float()
-    norm = engine.get_global_grad_norm()
-    mean = total / plan.num_micro_batches
-    if groups.dp_size > 1:
-        dist.all_reduce(mean, group=groups.dp_group)
-        mean /= groups.dp_size
-    return float(mean), None if norm is None else float(norm)
-
-
-def _evaluate(
-    engine: Any,
-    model: Any,
-    source: MicroBatchSource,
-    plan: Plan,
-    groups: ProcessGroups,
-    *,
-    iters: int,
-) -> float:
-    """Mean validation loss over ``iters`` global batches, the same samples every time."""
-    source.load_state_dict({"position": 0})
-    batches = iter(source)
-    if plan.pp > 1:
-        losses = [float(engine.eval_batch(data_iter=batches)) for _ in range(iters)]
-        return sum(losses) / len(losses)
-    device = next(model.parameters()).device
-    total = torch.zeros((), device=device)
-    count = iters * plan.num_micro_batches
-    with torch.no_grad():
-        for _ in range(count):
-            inputs, labels = next(batches)
-            labels = labels.to(device)
-            total += masked_mean(model.loss(engine(inputs.to(device)), labels), labels).float()
-    mean = total / count
-    if groups.dp_size > 1:
-        dist.all_reduce(mean, group=groups.dp_group)
-        mean /= groups.dp_size
-    return float(mean)
 
 
 def _seed_everything(seed: int) -> None:
