@@ -16,7 +16,10 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None 
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def padded_vocab_size(vocab_size: int, tp_size: int, *, multiple: int = 128) -> int:
+VOCAB_MULTIPLE = 128  # the padded vocabulary is a multiple of VOCAB_MULTIPLE * tp
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, *, multiple: int = VOCAB_MULTIPLE) -> int:
     """Vocabulary padded to a multiple of ``multiple * tp_size`` (Megatron's rule).
 
     The padding rows are zero and their logits are masked out of the loss, so

@@ -170,3 +170,22 @@ def test_bad_launch_stops_before_any_worker(
     result = run(*args, f"run.dir={run_dir}")
     _assert_one_line_error(result, expected)
     assert not run_dir.exists()  # nothing written, nothing started
+
+
+def test_launch_steps_return_new_configs_and_leave_the_composed_one(tmp_path: Path) -> None:
+    """The entry point resolves paths and the run folder on copies: the composed config
+    stays as the user wrote it (one source of truth for the layout: the plan)."""
+    import copy
+
+    from orchestrator.data.build import resolve_paths
+    from orchestrator.launch.run_folder import run_dir_of, with_run_dir
+
+    cfg = load("data=demo", "model=tiny")
+    before = copy.deepcopy(cfg)
+    resolved = resolve_paths(cfg)
+    placed = with_run_dir(resolved)
+    assert cfg == before
+    assert Path(str(resolved.data.tokenizer)).is_absolute()
+    assert all(Path(s.prefix).is_absolute() for s in resolved.data.sources)
+    assert run_dir_of(placed).is_absolute() and resolved.run.dir == before.run.dir
+    assert with_run_dir(placed) is placed  # already absolute: the same folder every time

@@ -14,6 +14,7 @@ from orchestrator.planning.plan import (
     resolve_plan,
     search_layouts,
     validate_config,
+    with_layout,
 )
 from tests.test_config import load
 
@@ -255,16 +256,20 @@ def test_auto_picks_the_fastest_layout_that_fits() -> None:
     assert all(c.parallel.zero_stage >= 1 for c in candidates)  # bf16 needs ZeRO >= 1
     assert all(c.parallel.zero_stage <= 1 for c in candidates if c.parallel.pp > 1)
 
+    given = dataclasses.replace(cfg.parallel)
     plan = validate_config(cfg)
     best = fitting[0].parallel
-    assert cfg.parallel == best and not cfg.parallel.auto  # what the ranks and run dir see
+    assert cfg.parallel == given and cfg.parallel.auto  # the composed config is not changed
+    resolved = with_layout(cfg, plan)  # what the ranks and run dir see
+    assert resolved.parallel == best and not resolved.parallel.auto
+    assert plan.parallel == best
     assert (plan.tp, plan.pp, plan.dp, plan.zero_stage) == (
         best.tp,
         best.pp,
         best.dp,
         best.zero_stage,
     )
-    assert resolve_plan(cfg).candidates == ()  # the concrete layout resolves as any other
+    assert resolve_plan(resolved).candidates == ()  # the concrete layout resolves as any other
     text = format_plan(plan, cfg)
     assert f"parallel=auto: chose tp{best.tp} pp{best.pp} dp{best.dp}" in text
     assert f"parallel=auto: {len(candidates)} valid layouts, {len(fitting)} fit" in text
@@ -281,3 +286,13 @@ def test_gqa_params_per_rank_hold_narrow_kv_and_its_copies(tp: int, replicas: in
     replicated = (2 * n_layers + 1) * dim
     summed = plan.tp * sum(plan.stage_params_per_rank) - (plan.tp - 1) * replicated
     assert summed == plan.num_padded_params + (replicas - 1) * kv
+
+
+@pytest.mark.parametrize("precision,lowest", [("fp32", 0), ("bf16", 1), ("fp16", 0)])
+def test_layout_search_starts_at_the_lowest_zero_stage_the_precision_allows(
+    precision: str, lowest: int
+) -> None:
+    from orchestrator.planning.plan import _layouts
+
+    cfg = load("model=7b", "parallel=auto", "cluster=a100_80g", f"train.precision={precision}")
+    assert min(par.zero_stage for par in _layouts(cfg, world=8)) == lowest

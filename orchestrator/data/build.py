@@ -1,7 +1,7 @@
 """From the ``data`` config to this rank's train and validation sources.
 
-``resolve_paths`` runs at the entry point, before any worker starts: it makes
-every data path absolute (a relative path is taken from the current
+``resolve_paths`` runs at the entry point, before any worker starts: it gives
+the config with every data path absolute (a relative path is taken from the current
 directory, else from this checkout, where the demo corpus lives), checks that
 every shard and file exists, and that the model's vocabulary matches the
 tokenizer's. Each problem is one ``ValueError`` line naming the field.
@@ -9,12 +9,13 @@ tokenizer's. Each problem is one ``ValueError`` line naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch.distributed as dist
 
-from orchestrator.config.schema import Config
+from orchestrator.config.schema import Config, DataConfig
 from orchestrator.data import MicroBatchSource
 from orchestrator.data.run_index import IndexSpec, RunIndex, SourceSpec, ensure_index
 from orchestrator.data.shards import check_shard, expand_source
@@ -33,43 +34,60 @@ def _absolute(path: str) -> Path:
     return (_PROJECT_ROOT / candidate).resolve()
 
 
-def resolve_paths(cfg: Config) -> None:
-    """Make the data and init paths absolute and check them (and the vocabulary) in place."""
-    if cfg.model.init_from is not None:
-        init = _absolute(cfg.model.init_from)
+def resolve_paths(cfg: Config) -> Config:
+    """``cfg`` with its data and init paths absolute, checked (and the vocabulary).
+
+    ``cfg`` itself is not changed.
+    """
+    model, data = cfg.model, cfg.data
+    if model.init_from is not None:
+        init = _absolute(model.init_from)
         if not init.is_dir():
-            raise ValueError(f"model.init_from={cfg.model.init_from}: no such directory ({init})")
-        cfg.model.init_from = str(init)
+            raise ValueError(f"model.init_from={model.init_from}: no such directory ({init})")
+        model = dataclasses.replace(model, init_from=str(init))
+    if data.kind != "synthetic":
+        data = _resolve_data(cfg)
+    if model is cfg.model and data is cfg.data:
+        return cfg
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+def _resolve_data(cfg: Config) -> DataConfig:
     data = cfg.data
-    if data.kind == "synthetic":
-        return
     assert data.tokenizer is not None  # DataConfig.validate
     tokenizer = _absolute(data.tokenizer)
     if not tokenizer.exists():
         raise ValueError(f"data.tokenizer={data.tokenizer}: no such file ({tokenizer})")
     if tokenizer.is_dir() and not (tokenizer / "tokenizer.json").is_file():
         raise ValueError(f"data.tokenizer={data.tokenizer}: a folder without tokenizer.json")
-    data.tokenizer = str(tokenizer)
     _check_vocab(cfg, tokenizer)
+    resolved = dataclasses.replace(data, tokenizer=str(tokenizer))
     if data.kind == "blended":
         root = _absolute(data.root)
-        data.root = str(root)
         vocab = cfg.model.vocab_size
+        sources = []
         for i, source in enumerate(data.sources):
             field = f"data.sources[{i}].prefix"
             shards = expand_source(source.prefix, root, field=field)
             for shard in shards:
                 check_shard(shard, vocab_size=vocab, field=field)
             given = Path(source.prefix).expanduser()
-            source.prefix = str(given if given.is_absolute() else root / given)
-        cache = cache_dir(cfg).expanduser()
-        data.cache_dir = str(cache if cache.is_absolute() else Path.cwd() / cache)
+            prefix = str(given if given.is_absolute() else root / given)
+            sources.append(dataclasses.replace(source, prefix=prefix))
+        cache = Path(data.cache_dir).expanduser() if data.cache_dir else root / "index_cache"
+        resolved = dataclasses.replace(
+            resolved,
+            root=str(root),
+            sources=sources,
+            cache_dir=str(cache if cache.is_absolute() else Path.cwd() / cache),
+        )
     if data.kind == "alpaca":
         assert data.alpaca_path is not None
         path = _absolute(data.alpaca_path)
         if not path.is_file():
             raise ValueError(f"data.alpaca_path={data.alpaca_path}: no such file ({path})")
-        data.alpaca_path = str(path)
+        resolved = dataclasses.replace(resolved, alpaca_path=str(path))
+    return resolved
 
 
 def _check_vocab(cfg: Config, tokenizer_path: Path) -> None:

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = validate_config(config)
         if config.data.kind != "blended":
             raise ValueError(f"data.kind={config.data.kind}: only blended data has indexes")
-        resolve_paths(config)
+        config = resolve_paths(config)
         start = time.perf_counter()
         folder = prepare_index(config, seq_len=plan.seq_len, global_batch=plan.global_batch_size)
     except (ValueError, RuntimeError, OSError, HydraException, OmegaConfBaseException) as exc:

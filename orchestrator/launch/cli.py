@@ -28,10 +28,15 @@ from orchestrator.config.schema import Config
 from orchestrator.data.build import resolve_paths
 from orchestrator.launch import slurm
 from orchestrator.launch.launcher import local_capacity, run_local
-from orchestrator.launch.run_folder import choose_run_dir, prepare_run_dir, run_dir_files
+from orchestrator.launch.run_folder import (
+    prepare_run_dir,
+    run_dir_files,
+    run_dir_of,
+    with_run_dir,
+)
 from orchestrator.planning import perf
 from orchestrator.planning.ds_config import deepspeed_config
-from orchestrator.planning.plan import Plan, format_plan, validate_config
+from orchestrator.planning.plan import Plan, format_plan, validate_config, with_layout
 from orchestrator.runtime import cpu_allocator, dist_env
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,18 +50,21 @@ def main(cfg: DictConfig) -> int:
     nothing written), otherwise the launcher's (``launcher=slurm``: 0 once submitted).
     """
     try:
+        # Each step returns a new config; the composed one is never changed.
         config = to_config(cfg, command_line())
         plan = validate_config(config)
+        config = with_layout(config, plan)  # parallel.auto: the chosen layout
         deepspeed_config(config, plan)  # an extra key that conflicts fails here
         if not config.dry_run:
             check_fits_memory(config, plan)
         launcher = "dry_run" if config.dry_run else choose_launcher(config, plan)
+        env = _rank_env(config, plan) if launcher == "rank" else None  # needs the given run.dir
+        config = with_run_dir(config)
         script = None
         if "slurm" in (launcher, config.launcher):
             script = job_script(config, plan)  # every SLURM rule, before anything is written
-        env = _rank_env(config, plan) if launcher == "rank" else None
         if not config.dry_run:
-            resolve_paths(config)  # data files exist; model and tokenizer vocabularies agree
+            config = resolve_paths(config)  # data files exist; model and tokenizer agree
     except (ValueError, RuntimeError, OmegaConfBaseException) as exc:
         print_error(describe_error(exc))
         return EXIT_BAD_CONFIG
@@ -156,7 +164,7 @@ def _check_fits_locally(config: Config, plan: Plan, *, launcher: str = "local") 
 
 def job_script(config: Config, plan: Plan) -> str:
     """The sbatch script of this run (``launcher=slurm``); chooses ``run.dir`` if unset."""
-    run_dir = choose_run_dir(config)
+    run_dir = run_dir_of(config)
     python = config.slurm.python or sys.executable
     notes = (
         f"Run directory: {run_dir} (config.yaml, logs/rank_N.log, checkpoints/).",
@@ -168,7 +176,7 @@ def job_script(config: Config, plan: Plan) -> str:
 
 
 def _submit(config: Config, plan: Plan, script_text: str) -> int:
-    run_dir = choose_run_dir(config)
+    run_dir = run_dir_of(config)
     files = {**run_dir_files(config, plan), slurm.SCRIPT_NAME: script_text}
     try:
         sbatch = slurm.find_sbatch() if config.slurm.submit else None
@@ -210,7 +218,7 @@ def _rank_env(config: Config, plan: Plan) -> dist_env.DistEnv:
 
 def _run_as_rank(config: Config, plan: Plan, rank: int) -> int:
     """Rank 0 writes the run directory, the others wait for it; then each trains."""
-    run_dir = choose_run_dir(config)
+    run_dir = run_dir_of(config)
     if rank == 0:
         prepare_run_dir(config, plan)
         print(f"run directory: {run_dir}", flush=True)

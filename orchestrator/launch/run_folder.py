@@ -7,6 +7,7 @@ step of a SLURM job (``slurm.prepare``); the other ranks wait for its
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -32,16 +33,27 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def choose_run_dir(config: Config) -> Path:
-    """``run.dir`` made absolute (default runs/<model>-<parallel>-<timestamp>); creates nothing."""
-    if config.run.dir is None:
+def with_run_dir(config: Config) -> Config:
+    """``config`` with ``run.dir`` made absolute (default runs/<model>-<parallel>-<timestamp>).
+
+    Creates nothing; ``config`` itself is not changed. A launch applies it once,
+    so every file it writes names the same folder.
+    """
+    given = config.run.dir
+    if given is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        config.run.dir = str(
-            Path(config.run.root) / f"{config.model.name}-{config.parallel.name}-{stamp}"
-        )
-    run_dir = Path(config.run.dir).resolve()
-    config.run.dir = str(run_dir)
-    return run_dir
+        given = str(Path(config.run.root) / f"{config.model.name}-{config.parallel.name}-{stamp}")
+    run_dir = str(Path(given).resolve())
+    if run_dir == config.run.dir:
+        return config
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, dir=run_dir))
+
+
+def run_dir_of(config: Config) -> Path:
+    """The run folder of a config ``with_run_dir`` has resolved."""
+    if config.run.dir is None or not Path(config.run.dir).is_absolute():
+        raise ValueError(f"run.dir={config.run.dir}: not resolved (with_run_dir)")
+    return Path(config.run.dir)
 
 
 def run_dir_files(config: Config, plan: Plan) -> dict[str, str]:
@@ -54,7 +66,8 @@ def run_dir_files(config: Config, plan: Plan) -> dict[str, str]:
 
 def prepare_run_dir(config: Config, plan: Plan) -> Path:
     """Create the run directory and write the resolved config and DeepSpeed JSON into it."""
-    run_dir = choose_run_dir(config)
+    config = with_run_dir(config)
+    run_dir = run_dir_of(config)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     for name, text in run_dir_files(config, plan).items():
         write_atomic(run_dir / name, text)  # other ranks may be waiting for config.yaml

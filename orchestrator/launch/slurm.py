@@ -19,6 +19,7 @@ Command line (run by the scripts themselves, and by hand)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -37,7 +38,7 @@ from orchestrator.config.schema import Config, load_config
 from orchestrator.data.build import resolve_paths
 from orchestrator.launch.run_folder import prepare_run_dir, write_atomic
 from orchestrator.planning.ds_config import deepspeed_config
-from orchestrator.planning.plan import Plan, validate_config
+from orchestrator.planning.plan import Plan, validate_config, with_layout
 from orchestrator.runtime.faults import EXIT_REQUEUE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -398,10 +399,11 @@ def _sbatch(sbatch: str, script: Path, *, cwd: Path) -> str:
 def render_checked_in(name: str) -> str:
     """``slurm/<name>.sh``: run from the submit directory, writing its own run directory."""
     overrides = CHECKED_IN[name]
-    config = _compose(overrides)
-    tokenizer = Path(config.data.tokenizer or "tok.model").name
-    config.slurm.job_name = name
+    composed = _compose(overrides)
+    tokenizer = Path(composed.data.tokenizer or "tok.model").name
+    config = dataclasses.replace(composed, slurm=dataclasses.replace(composed.slurm, job_name=name))
     plan = validate_config(config)
+    config = with_layout(config, plan)
     notes = (
         "",
         f"Submit from the repository root:  sbatch slurm/{name}.sh [OVERRIDE ...]",
@@ -429,13 +431,14 @@ def prepare(run_dir: Path, overrides: Sequence[str] = (), *, ntasks: int = 0) ->
         plan = validate_config(load_config(path))
         _check_ntasks(ntasks, plan)
         return f"reusing {path} (run.resume=auto continues from the latest checkpoint, if any)"
-    config = _compose(overrides)
-    config.run.dir = str(run_dir)  # not an override: Hydra would parse the path
+    composed = _compose(overrides)
+    # run.dir is not an override: Hydra would parse the path
+    config = dataclasses.replace(composed, run=dataclasses.replace(composed.run, dir=str(run_dir)))
     plan = validate_config(config)
+    config = with_layout(config, plan)
     _check_ntasks(ntasks, plan)
     deepspeed_config(config, plan)
-    resolve_paths(config)
-    prepare_run_dir(config, plan)
+    prepare_run_dir(resolve_paths(config), plan)
     return f"wrote {path}"
 
 

@@ -1,6 +1,9 @@
 """Planning a run before anything starts (pure; runs on the login node).
 
-- ``plan``: layout resolution and the cross-section rules, and ``parallel=auto``.
+- ``plan``: layout resolution and the cross-section rules, and ``parallel=auto``;
+  ``Plan`` is the resolved run (layout, stages, padded vocabulary, precision).
+- ``precision``: the precision policy, the one place its rules are written.
+- ``ds_config``: the DeepSpeed JSON, a pure function of the config and the plan.
 - ``perf``: memory per device and time per step of a layout.
 - ``plan_view``: what the cost models read of a plan (a ``Protocol``).
 - ``flops``: training FLOPs per token and MFU.

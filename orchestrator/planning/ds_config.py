@@ -33,26 +33,10 @@ def deepspeed_config(cfg: Config, plan: Plan, *, on_gpu: bool = False) -> dict[s
             "overlap_comm": on_gpu and plan.zero_stage > 0,
             "contiguous_gradients": True,
         },
-        "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {
-            "enabled": train.precision == "fp16",
-            "loss_scale": 0,  # dynamic
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        },
         "steps_per_print": _STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
-    if train.precision == "bf16":
-        # Megatron's practice: accumulate gradients over micro-batches in fp32,
-        # not in bf16 (a step of a large run sums thousands of micro-batches),
-        # and reduce them over dp in fp32 too. DeepSpeed's default for bf16 is
-        # to cast the fp32 accumulation buffers to bf16 for the all-reduce and
-        # copy the rounded sums back, which undoes the fp32 accumulation.
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
-        ds["communication_data_type"] = "fp32"
+    ds.update(plan.precision.deepspeed_json())  # bf16: accumulate and reduce in fp32
     if plan.pp > 1:
         # With sequence parallelism each tp rank holds a different slice of the
         # activation, so DeepSpeed must not split-and-regather it over tp.

@@ -122,6 +122,7 @@ from orchestrator.planning import cpu_costs
 from orchestrator.planning.cpu_costs import CpuHost, ranks_per_node
 from orchestrator.planning.flops import hardware_flops_per_token, model_flops_per_token
 from orchestrator.planning.plan_view import PlanView
+from orchestrator.planning.precision import Precision
 
 GIB = 2**30
 ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: partitions start 4-byte aligned
@@ -129,7 +130,7 @@ ZERO3_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold (Dee
 
 
 def element_bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
+    return Precision(precision).weight_bytes
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,12 @@ def zero_state_bytes(
     ``groups``: the optimiser's parameter groups, each a list of parameter
     sizes (elements) in module order, as this rank's module holds them.
     """
-    e = element_bytes(precision)
-    bf16 = precision == "bf16"  # our DeepSpeed JSON accumulates bf16 gradients in fp32
+    policy = Precision(precision)
+    e = policy.weight_bytes
+    bf16 = policy.accumulates_in_fp32  # our DeepSpeed JSON accumulates bf16 gradients in fp32
     n = sum(sum(g) for g in groups)
     if zero_stage == 0:  # the plain optimiser: fp32 is its own master copy
-        return ModelState(n * e, n * e, n * (8 if precision == "fp32" else 12))
+        return ModelState(n * e, n * e, n * policy.optimizer_bytes)
     if zero_stage in (1, 2):
         flat = [_aligned(sum(g), ZERO_ALIGNMENT * dp) for g in groups]
         part = sum(f // dp for f in flat)
@@ -472,7 +474,7 @@ def _dp_comm(
     d, m = plan.dp, plan.num_micro_batches
     if d == 1:
         return 0.0
-    grad_e = 2 if cfg.train.precision == "fp16" else 4  # bf16 reduces in fp32 (engine.py)
+    grad_e = Precision(cfg.train.precision).reduce_bytes  # bf16 reduces in fp32
     ring = (d - 1) / d * seconds_per_element
     latency = latency_s * (d - 1)
     reduce = ring * grad_e + latency

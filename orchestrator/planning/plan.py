@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from model_parallel.args import ModelArgs, padded_vocab_size
+from model_parallel.args import VOCAB_MULTIPLE, ModelArgs, padded_vocab_size
 from model_parallel.layout import Layout
 from orchestrator.config.schema import (
     ACTIVATION_CHECKPOINTING,
@@ -22,8 +22,8 @@ from orchestrator.config.schema import (
     ParallelConfig,
 )
 from orchestrator.planning import perf
+from orchestrator.planning.precision import Precision
 
-VOCAB_MULTIPLE = 128  # padded vocab is a multiple of VOCAB_MULTIPLE * tp
 AUTO_MICRO_BATCH_SIZES = (1, 2, 4, 8)
 AUTO_TABLE_ROWS = 8
 
@@ -47,6 +47,10 @@ class Plan:
     num_params: int  # unpadded model, as ModelArgs.num_params()
     num_padded_params: int  # with the embedding and output padded to padded_vocab_size
     stage_params_per_rank: tuple[int, ...]  # parameters held by one tp rank of each stage
+    sequence_parallel: bool  # activations split over tp between the tp regions (tp > 1 only)
+    activation_checkpointing: bool  # every block recomputed in backward ("full")
+    precision: Precision
+    parallel: ParallelConfig  # the concrete layout (parallel.auto: the chosen one)
     # parallel.auto: every layout considered, best first (the first is this plan's).
     candidates: tuple[Candidate, ...] = field(default=(), compare=False, repr=False)
 
@@ -86,7 +90,7 @@ def _resolve_fixed(cfg: Config) -> Plan:
     world_size, dp, nodes = _resolve_world(par, cfg.cluster)
     _check_fault_rank(cfg, world_size, dp)
     num_micro_batches = _num_micro_batches(cfg.train.global_batch_size, par, dp)
-    vocab = padded_vocab_size(args.vocab_size, par.tp, multiple=VOCAB_MULTIPLE)
+    vocab = padded_vocab_size(args.vocab_size, par.tp)  # the model pads by the same rule
     return Plan(
         world_size=world_size,
         nodes=nodes,
@@ -103,6 +107,10 @@ def _resolve_fixed(cfg: Config) -> Plan:
         num_params=args.num_params(),
         num_padded_params=args.num_params() + 2 * (vocab - args.vocab_size) * args.dim,
         stage_params_per_rank=_stage_params_per_rank(args, vocab, par.tp, stage_layers),
+        sequence_parallel=par.sequence_parallel and par.tp > 1,
+        activation_checkpointing=par.activation_checkpointing == "full",
+        precision=Precision(cfg.train.precision),
+        parallel=par,
     )
 
 
@@ -111,14 +119,17 @@ def validate_config(cfg: Config) -> Plan:
 
     Every section's own ``validate()`` runs first (inside ``resolve_plan``, so
     the cross-section arithmetic can assume positive sizes), then the rules
-    that span sections. With ``parallel.auto`` the chosen layout replaces
-    ``cfg.parallel`` here, so the run directory's config and every rank see
-    the concrete layout.
+    that span sections. ``cfg`` is not changed: ``with_layout`` gives the
+    config a run directory records (with ``parallel.auto``, the chosen layout).
     """
-    plan = resolve_plan(cfg)
-    if plan.candidates:
-        cfg.parallel = plan.candidates[0].parallel
-    return plan
+    return resolve_plan(cfg)
+
+
+def with_layout(cfg: Config, plan: Plan) -> Config:
+    """``cfg`` with the plan's concrete layout (itself when the layout was given)."""
+    if cfg.parallel == plan.parallel:
+        return cfg
+    return dataclasses.replace(cfg, parallel=plan.parallel)
 
 
 def _check_tensor_parallel(cfg: Config, args: ModelArgs) -> None:
@@ -156,14 +167,7 @@ def _check_training(cfg: Config, args: ModelArgs) -> int:
         raise ValueError(
             f"parallel.sequence_parallel=true: train.seq_len({seq_len}) must be divisible by tp({tp})"
         )
-    if cfg.train.precision == "bf16" and cfg.parallel.zero_stage == 0:
-        # pp = 1: DeepSpeed's ZeRO-0 keeps bf16 gradients and the weights drift;
-        # pp > 1: its engine refuses bf16 weights with fp32 gradient accumulation.
-        raise ValueError(
-            "parallel.zero_stage=0: train.precision=bf16 needs parallel.zero_stage >= 1 "
-            "(DeepSpeed's ZeRO-0 accumulates bf16 gradients, or with pp > 1 refuses "
-            "fp32 accumulation)"
-        )
+    Precision(cfg.train.precision).check_zero_stage(cfg.parallel.zero_stage)
     return seq_len
 
 
@@ -321,9 +325,8 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"{plan.num_padded_params:,} with padded vocab)"
     )
     if plan.candidates:
-        cfg = dataclasses.replace(cfg, parallel=plan.candidates[0].parallel)
         lines += _format_candidates(plan.candidates)
-    lines += perf.format_estimate(perf.estimate(cfg, plan), cfg.cluster)
+    lines += perf.format_estimate(perf.estimate(with_layout(cfg, plan), plan), cfg.cluster)
     return "\n".join(lines)
 
 
@@ -381,8 +384,7 @@ def _divisors(n: int) -> list[int]:
 def _layouts(cfg: Config, world: int) -> list[ParallelConfig]:
     args = cfg.model.to_args()
     seq_len = cfg.train.seq_len or args.max_seq_len
-    # DeepSpeed refuses bf16 weights with fp32 gradient accumulation at ZeRO-0.
-    min_zero = 0 if cfg.train.precision == "fp32" else 1
+    min_zero = Precision(cfg.train.precision).min_zero_stage
     out = []
     for tp in _divisors(cfg.cluster.gpus_per_node):
         for pp in _divisors(args.n_layers):

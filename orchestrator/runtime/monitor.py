@@ -29,6 +29,7 @@ from orchestrator.config.schema import Config
 from orchestrator.planning import cpu_costs
 from orchestrator.planning.flops import hardware_flops_per_token, model_flops_per_token
 from orchestrator.planning.plan import Plan, format_plan
+from orchestrator.planning.precision import Precision
 from orchestrator.runtime import cpu_allocator
 from orchestrator.runtime.faults import Heartbeat
 from orchestrator.status.metrics import MetricsWriter, StepMetrics, peak_memory_gb, progress_line
@@ -242,9 +243,9 @@ def _open_sinks(cfg: Config, run_dir: Path) -> list[_Sink]:
     return sinks
 
 
-def loss_scale(engine: Any, precision: str) -> float | None:
+def loss_scale(engine: Any, precision: Precision) -> float | None:
     """fp16's current dynamic loss scale (None for bf16/fp32)."""
-    if precision != "fp16":
+    if not precision.loss_scaling:
         return None
     from orchestrator.runtime.ds_compat import loss_scale as current_scale
 

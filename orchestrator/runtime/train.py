@@ -148,7 +148,7 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             max_consecutive_skips=cfg.faults.max_consecutive_skips,
             spike_factor=cfg.faults.spike_factor,
             spike_window=cfg.faults.spike_window,
-            fp16=cfg.train.precision == "fp16",
+            fp16=plan.precision.loss_scaling,
         )
         stopping = save_failed = False
         if start_step == 0:
@@ -174,7 +174,7 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             # Every rank the same verdict, whichever rank saw the fault.
             seen, skipped = agree(loss, skipped=engine.skipped_steps > skips_before, device=device)
             verdict = guard.observe(seen, skipped=skipped)
-            scale = loss_scale(engine, cfg.train.precision)
+            scale = loss_scale(engine, plan.precision)
             monitor.step_done(
                 step=done,
                 loss=seen,
@@ -264,23 +264,25 @@ def _load_pretrained(model: torch.nn.Module, cfg: Config) -> None:
 def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Module:
     """The whole model (pp = 1) or this rank's pipeline stage (pp > 1)."""
     args = cfg.model.to_args()
-    checkpointing = cfg.parallel.activation_checkpointing == "full"
+    model: LlamaPipeline | Transformer
     if plan.pp > 1:
-        return LlamaPipeline(
+        model = LlamaPipeline(
             args,
             groups=groups,
             stage_layers=plan.stage_layers,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-            activation_checkpointing=checkpointing,
+            sequence_parallel=plan.sequence_parallel,
+            activation_checkpointing=plan.activation_checkpointing,
             seed=cfg.train.seed,
         )
-    return Transformer(
-        args,
-        groups=groups,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        activation_checkpointing=checkpointing,
-        seed=cfg.train.seed,
-    )
+    else:
+        model = Transformer(
+            args,
+            groups=groups,
+            sequence_parallel=plan.sequence_parallel,
+            activation_checkpointing=plan.activation_checkpointing,
+            seed=cfg.train.seed,
+        )
+    return model
 
 
 def _seed_everything(seed: int) -> None:
