@@ -292,8 +292,11 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
-def format_plan(plan: Plan, cfg: Config) -> str:
-    """A human-readable, greppable summary: one ``key: value`` per line."""
+def format_plan(plan: Plan, cfg: Config, *, estimate: bool = True) -> str:
+    """A human-readable, greppable summary: one ``key: value`` per line.
+
+    ``estimate``: with the memory and time estimate (``perf``) at the end.
+    """
     m, c = cfg.model, cfg.cluster
     args = m.to_args()
     noun = "node" if plan.nodes == 1 else "nodes"
@@ -326,7 +329,8 @@ def format_plan(plan: Plan, cfg: Config) -> str:
     )
     if plan.candidates:
         lines += _format_candidates(plan.candidates)
-    lines += perf.format_estimate(perf.estimate(with_layout(cfg, plan), plan), cfg.cluster)
+    if estimate:
+        lines += perf.format_estimate(perf.estimate(with_layout(cfg, plan), plan), cfg.cluster)
     return "\n".join(lines)
 
 

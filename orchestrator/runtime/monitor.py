@@ -260,8 +260,8 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
     par = cfg.parallel
     args = cfg.model.to_args()
     flops = model_flops_per_token(args, plan.seq_len)
-    summary = format_plan(plan, cfg)
-    estimate = [line for line in estimate_lines(cfg, plan) if line not in summary]
+    summary = format_plan(plan, cfg, estimate=False)
+    estimate = estimate_lines(cfg, plan)  # computed once; a failing model never stops a run
     allocator = []
     if cfg.cluster.gpus_per_node == 0:
         allocator = [
@@ -282,7 +282,7 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
         *estimate,
         "=" * 72,
     ]
-    for line in summary.splitlines():
+    for line in estimate:
         if line.startswith("warning: "):
             log.warning("%s", line.removeprefix("warning: "))
     return "\n".join(lines)
