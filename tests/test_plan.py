@@ -292,7 +292,7 @@ def test_gqa_params_per_rank_hold_narrow_kv_and_its_copies(tp: int, replicas: in
 def test_layout_search_starts_at_the_lowest_zero_stage_the_precision_allows(
     precision: str, lowest: int
 ) -> None:
-    from orchestrator.planning.plan import _layouts
+    from orchestrator.planning.search import _layouts
 
     cfg = load("model=7b", "parallel=auto", "cluster=a100_80g", f"train.precision={precision}")
     assert min(par.zero_stage for par in _layouts(cfg, world=8)) == lowest

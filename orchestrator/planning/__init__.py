@@ -1,7 +1,8 @@
 """Planning a run before anything starts (pure; runs on the login node).
 
-- ``plan``: layout resolution and the cross-section rules, and ``parallel=auto``;
+- ``plan``: layout resolution and the cross-section rules;
   ``Plan`` is the resolved run (layout, stages, padded vocabulary, precision).
+- ``search``: ``parallel=auto``, every valid layout estimated and ranked.
 - ``precision``: the precision policy, the one place its rules are written.
 - ``ds_config``: the DeepSpeed JSON, a pure function of the config and the plan.
 - ``perf``: memory per device and time per step of a layout.

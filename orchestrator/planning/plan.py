@@ -16,16 +16,13 @@ from dataclasses import dataclass, field
 from model_parallel.args import VOCAB_MULTIPLE, ModelArgs, padded_vocab_size
 from model_parallel.layout import Layout
 from orchestrator.config.schema import (
-    ACTIVATION_CHECKPOINTING,
     ClusterConfig,
     Config,
     ParallelConfig,
 )
-from orchestrator.planning import perf
+from orchestrator.planning import perf, search
 from orchestrator.planning.precision import Precision
-
-AUTO_MICRO_BATCH_SIZES = (1, 2, 4, 8)
-AUTO_TABLE_ROWS = 8
+from orchestrator.planning.search import Candidate
 
 
 @dataclass(frozen=True)
@@ -59,15 +56,6 @@ class Plan:
         return self.num_micro_batches
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One layout ``parallel.auto`` considered, with the plan's estimate of it."""
-
-    parallel: ParallelConfig
-    plan: Plan
-    estimate: perf.Estimate
-
-
 def resolve_plan(cfg: Config) -> Plan:
     """Check the whole config and derive the layout; raises ``ValueError`` (one line).
 
@@ -76,7 +64,9 @@ def resolve_plan(cfg: Config) -> Plan:
     if cfg.parallel.auto:
         cfg.validate()
         candidates = search_layouts(cfg)
-        return dataclasses.replace(candidates[0].plan, candidates=candidates)
+        best = candidates[0].plan
+        assert isinstance(best, Plan)
+        return dataclasses.replace(best, candidates=candidates)
     return _resolve_fixed(cfg)
 
 
@@ -328,112 +318,12 @@ def format_plan(plan: Plan, cfg: Config, *, estimate: bool = True) -> str:
         f"{plan.num_padded_params:,} with padded vocab)"
     )
     if plan.candidates:
-        lines += _format_candidates(plan.candidates)
+        lines += search.format_candidates(plan.candidates)
     if estimate:
         lines += perf.format_estimate(perf.estimate(with_layout(cfg, plan), plan), cfg.cluster)
     return "\n".join(lines)
 
 
 def search_layouts(cfg: Config) -> tuple[Candidate, ...]:
-    """Every valid layout of ``cfg.model`` on ``cfg.cluster``, estimated; the best that fits first.
-
-    tp divides the GPUs of a node (a tp group stays inside one), the heads and
-    the FFN width; pp divides the layers; dp fills the cluster; ZeRO 0-3 (<= 1
-    with a pipeline, >= 1 in bf16/fp16); micro-batches of 1, 2, 4 or 8;
-    activation checkpointing none or full; sequence parallelism whenever tp > 1.
-    Ranked by predicted tokens/s, then by memory. Raises ``ValueError`` when
-    no layout fits the device memory.
-    """
-    world = _auto_world_size(cfg)
-    found = []
-    for par in _layouts(cfg, world):
-        trial = dataclasses.replace(cfg, parallel=par)
-        try:
-            plan = _resolve_fixed(trial)
-        except ValueError:  # e.g. heads not divisible by tp, batch not by micro-batch * dp
-            continue
-        found.append(Candidate(par, plan, perf.estimate(trial, plan)))
-    model = f"model={cfg.model.name}"
-    if not found:
-        raise ValueError(f"parallel.auto=true: {model} has no valid layout on {world} devices")
-    found.sort(key=_rank_key)
-    if not found[0].estimate.fits:
-        smallest = min(found, key=lambda c: c.estimate.peak.total)
-        raise ValueError(
-            f"parallel.auto=true: none of the {len(found)} layouts of {model} on {world} devices "
-            f"fits cluster.device_memory_gb({cfg.cluster.device_memory_gb}); the smallest, "
-            f"{_describe(smallest.parallel)}, needs {smallest.estimate.peak.total / perf.GIB:.1f} GiB"
-        )
-    return tuple(found)
-
-
-def _rank_key(c: Candidate) -> tuple[bool, float, float]:
-    return (not c.estimate.fits, -c.estimate.tokens_per_s_per_device, c.estimate.peak.total)
-
-
-def _auto_world_size(cfg: Config) -> int:
-    cluster = cfg.cluster
-    if cluster.gpus_per_node == 0 or cluster.nodes is None:
-        raise ValueError(
-            f"parallel.auto=true: needs a GPU cluster with cluster.nodes set (the devices to fill); "
-            f"cluster={cluster.name} has nodes={cluster.nodes}, gpus_per_node={cluster.gpus_per_node}"
-        )
-    return cluster.nodes * cluster.gpus_per_node
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _layouts(cfg: Config, world: int) -> list[ParallelConfig]:
-    args = cfg.model.to_args()
-    seq_len = cfg.train.seq_len or args.max_seq_len
-    min_zero = Precision(cfg.train.precision).min_zero_stage
-    out = []
-    for tp in _divisors(cfg.cluster.gpus_per_node):
-        for pp in _divisors(args.n_layers):
-            if world % (tp * pp) != 0:
-                continue
-            for zero in range(min_zero, 2 if pp > 1 else 4):
-                for micro in AUTO_MICRO_BATCH_SIZES:
-                    for checkpointing in ACTIVATION_CHECKPOINTING:
-                        out.append(
-                            ParallelConfig(
-                                name="auto",
-                                tp=tp,
-                                pp=pp,
-                                dp=world // (tp * pp),
-                                zero_stage=zero,
-                                sequence_parallel=tp > 1 and seq_len % tp == 0,
-                                activation_checkpointing=checkpointing,
-                                micro_batch_size=micro,
-                            )
-                        )
-    return out
-
-
-def _describe(par: ParallelConfig) -> str:
-    return (
-        f"tp{par.tp} pp{par.pp} dp{par.dp} zero{par.zero_stage} micro{par.micro_batch_size} "
-        f"checkpointing={par.activation_checkpointing}"
-    )
-
-
-def _format_candidates(candidates: tuple[Candidate, ...]) -> list[str]:
-    fitting = sum(c.estimate.fits for c in candidates)
-    shown = candidates[:AUTO_TABLE_ROWS]
-    lines = [
-        f"parallel=auto: chose {_describe(candidates[0].parallel)}",
-        f"parallel=auto: {len(candidates)} valid layouts, {fitting} fit; "
-        f"the best {len(shown)} by predicted tokens/s:",
-        "   #  tp  pp    dp  zero  micro  ckpt  memory GiB  fits  tokens/s/device    MFU",
-    ]
-    for i, c in enumerate(shown, start=1):
-        p, e = c.parallel, c.estimate
-        lines.append(
-            f"{i:4d} {p.tp:3d} {p.pp:3d} {p.dp:5d} {p.zero_stage:5d} {p.micro_batch_size:6d}  "
-            f"{p.activation_checkpointing:>4}  {e.peak.total / perf.GIB:10.2f}  "
-            f"{'yes' if e.fits else 'no':>4}  {e.tokens_per_s_per_device:15,.1f}  "
-            f"{100 * e.mfu:5.1f}%"
-        )
-    return lines
+    """``parallel.auto``'s layouts of ``cfg``, best first (``orchestrator.planning.search``)."""
+    return search.search_layouts(cfg, resolve=_resolve_fixed)
