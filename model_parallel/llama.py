@@ -315,7 +315,7 @@ class Transformer(nn.Module):
             value = param.grad if grads else param
             if value is None:
                 continue
-            out[name] = gather_full(_with_attrs(value.detach(), param), self.tp_group)
+            out[name] = gather_full(with_shard_attrs(value.detach(), param), self.tp_group)
         return out
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
@@ -334,7 +334,8 @@ class Transformer(nn.Module):
                 )
 
 
-def _with_attrs(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def with_shard_attrs(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (a gradient, a copy) marked as cut from its full tensor as ``param`` is."""
     for attr in ("tensor_model_parallel", "partition_dim", "full_size", "replicas"):
         if hasattr(param, attr):
             setattr(tensor, attr, getattr(param, attr))

@@ -12,7 +12,7 @@ The vocab-parallel loss runs on the last stage (``PipelineLoss``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec
@@ -23,9 +23,14 @@ from torch.utils.checkpoint import checkpoint
 from model_parallel.args import ModelArgs, padded_vocab_size
 from model_parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 from model_parallel.groups import ProcessGroups
-from model_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
-from model_parallel.llama import RMSNorm, TransformerBlock, init_parameters
-from model_parallel.mappings import Group, group_size
+from model_parallel.layers import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    gather_full,
+    load_shard_,
+)
+from model_parallel.llama import RMSNorm, TransformerBlock, init_parameters, with_shard_attrs
+from model_parallel.mappings import Group, group_rank, group_size
 from orchestrator.runtime.ds_compat.pipeline import FixedSplitPipelineModule, stage_modules
 
 
@@ -171,19 +176,33 @@ class LlamaPipeline(FixedSplitPipelineModule):
         self.tp_group = groups.tp_group
 
 
-def load_stage_state_dict(pipeline: LlamaPipeline, state: dict[str, torch.Tensor]) -> None:
-    """Load this rank's stage (and tp shard) from a full state dict with Meta's names."""
-    from model_parallel.layers import load_shard_
-    from model_parallel.mappings import group_rank
-
+def _stage_parameters(pipeline: LlamaPipeline) -> Iterator[tuple[str, nn.Parameter]]:
+    """This rank's stage parameters under their global (Meta) names."""
     for module in stage_modules(pipeline):
         prefix, target = "", module
         if isinstance(module, BlockPipe):
             prefix, target = f"layers.{module.layer_id}.", module.block
         for name, param in target.named_parameters():
-            load_shard_(
-                param,
-                state[prefix + name].to(param.dtype),
-                tp_rank=group_rank(pipeline.tp_group),
-                tp_size=group_size(pipeline.tp_group),
-            )
+            yield prefix + name, param
+
+
+def load_stage_state_dict(pipeline: LlamaPipeline, state: dict[str, torch.Tensor]) -> None:
+    """Load this rank's stage (and tp shard) from a full state dict with Meta's names."""
+    for name, param in _stage_parameters(pipeline):
+        load_shard_(
+            param,
+            state[name].to(param.dtype),
+            tp_rank=group_rank(pipeline.tp_group),
+            tp_size=group_size(pipeline.tp_group),
+        )
+
+
+def stage_state_dict(pipeline: LlamaPipeline, *, grads: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's stage parameters (or gradients) as full, unpadded tensors under Meta's
+    names; a tp collective (``Transformer.full_state_dict`` for a stage)."""
+    out = {}
+    for name, param in _stage_parameters(pipeline):
+        value = param.grad if grads else param
+        if value is not None:
+            out[name] = gather_full(with_shard_attrs(value.detach(), param), pipeline.tp_group)
+    return out

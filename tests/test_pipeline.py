@@ -30,16 +30,6 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, TINY.vocab_size, (2, 17), generator=torch.Generator().manual_seed(8))
 
 
-def _full_grad(param: torch.nn.Parameter, tp_group: Any) -> torch.Tensor:
-    """The full, unpadded gradient of ``param`` (a tp collective when it is sharded)."""
-    from model_parallel.layers import gather_full
-
-    assert param.grad is not None
-    grad = torch.nn.Parameter(param.grad.clone(), requires_grad=False)
-    grad.__dict__.update(param.__dict__)  # how the parameter is cut from its full tensor
-    return gather_full(grad, tp_group)
-
-
 def _dense() -> dict[str, Any]:
     """The whole model in one process: logits, loss and every gradient (Meta's names)."""
     from model_parallel.cross_entropy import masked_mean
@@ -50,7 +40,7 @@ def _dense() -> dict[str, Any]:
     logits = model(tokens[:, :-1])
     loss = masked_mean(model.loss(logits, tokens[:, 1:]), tokens[:, 1:])
     loss.backward()
-    grads = {n: _full_grad(p, None) for n, p in model.named_parameters()}
+    grads = model.full_state_dict(grads=True)
     return {"logits": logits[..., : TINY.vocab_size].detach(), "loss": loss.item(), "grads": grads}
 
 
@@ -59,7 +49,7 @@ def _stage(rank: int, ws: int, tp: int, stage_layers: tuple[tuple[int, int], ...
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
     from model_parallel.mappings import gather_from_tp_region
-    from model_parallel.pipeline import BlockPipe, LlamaPipeline, stage_modules
+    from model_parallel.pipeline import BlockPipe, LlamaPipeline, stage_modules, stage_state_dict
     from orchestrator.runtime.engine import init_deepspeed_comm
 
     init_deepspeed_comm()
@@ -97,15 +87,7 @@ def _stage(rank: int, ws: int, tp: int, stage_layers: tuple[tuple[int, int], ...
     if prev is not None:
         assert h_in.grad is not None
         dist.send(h_in.grad.contiguous(), prev)
-    # this stage's gradients as full tensors under their global (Meta) names
-    grads: dict[str, torch.Tensor] = {}
-    for module in modules:
-        prefix, target = "", module
-        if isinstance(module, BlockPipe):
-            prefix, target = f"layers.{module.layer_id}.", module.block
-        for name, param in target.named_parameters():
-            grads[prefix + name] = _full_grad(param, groups.tp_group)
-    out["grads"] = grads
+    out["grads"] = stage_state_dict(pipeline, grads=True)  # full tensors, Meta names
     return out
 
 
