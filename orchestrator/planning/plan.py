@@ -320,7 +320,9 @@ def format_plan(plan: Plan, cfg: Config, *, estimate: bool = True) -> str:
     if plan.candidates:
         lines += search.format_candidates(plan.candidates)
     if estimate:
-        lines += perf.format_estimate(perf.estimate(with_layout(cfg, plan), plan), cfg.cluster)
+        # parallel.auto estimated the chosen layout while searching
+        chosen = plan.candidates[0].estimate if plan.candidates else perf.estimate(cfg, plan)
+        lines += perf.format_estimate(chosen, cfg.cluster)
     return "\n".join(lines)
 
 

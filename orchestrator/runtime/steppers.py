@@ -73,14 +73,14 @@ class DataParallelStepper:
     ) -> None:
         self.engine = engine
         self.model = model
+        self.device = next(model.parameters()).device
         self.num_micro_batches = num_micro_batches
         self.groups = groups
         self.loss_hook = loss_hook
 
     def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        labels = labels.to(device)
-        logits = self.engine(inputs.to(device))
+        labels = labels.to(self.device)
+        logits = self.engine(inputs.to(self.device))
         return masked_mean(self.model.loss(logits, labels), labels)  # type: ignore[operator]
 
     def _dp_mean(self, total: torch.Tensor, count: int) -> float:
@@ -91,8 +91,7 @@ class DataParallelStepper:
         return float(mean)
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[float, float | None]:
-        device = next(self.model.parameters()).device
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=self.device)
         for _ in range(self.num_micro_batches):
             loss = self._loss(*next(batches))
             if self.loss_hook is not None:
@@ -108,8 +107,7 @@ class DataParallelStepper:
     def evaluate(self, source: MicroBatchSource, iters: int) -> float:
         source.load_state_dict({"position": 0})
         batches = iter(source)
-        device = next(self.model.parameters()).device
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=self.device)
         count = iters * self.num_micro_batches
         with torch.no_grad():
             for _ in range(count):
