@@ -309,12 +309,11 @@ def _sdpa_check(device: Any, *, tiny: bool) -> dict[str, Any]:
 def _optimizer_check(device: Any) -> str:
     import torch
 
-    from orchestrator.config.schema import Config, TrainConfig
+    from orchestrator.config.schema import TrainConfig
     from orchestrator.runtime.engine import build_optimizer
 
     model = torch.nn.Linear(64, 64).to(device)
-    cfg = Config(train=TrainConfig(steps=1, global_batch_size=1, lr=1e-3))
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, TrainConfig(steps=1, global_batch_size=1, lr=1e-3))
     fused = opt.defaults.get("fused")
     result = f"{type(opt).__module__}.{type(opt).__name__} (fused={fused})"
     print(f"trainer's optimizer on {device.type}: {result}")
@@ -340,7 +339,7 @@ def _trainer_run(opts: argparse.Namespace, *, name: str, extra: list[str]) -> di
     overrides = base + COMMON_TRAIN + extra
     cfg = compose_config(overrides, conf_dir=REPO / "conf")
     plan = validate_config(cfg)
-    est = perf.estimate(cfg, plan)
+    est = perf.estimate(plan, cfg.model, cfg.cluster)
     code, records = _train_in_scratch(name, overrides)
     if code != 0 or not records:
         raise SystemExit(f"{name}: the trainer exited {code} with {len(records)} metrics records")

@@ -82,7 +82,7 @@ def planned(overrides: tuple[str, ...]) -> tuple[perf.Estimate, list[str], int]:
     """The plan's estimate, its step-time lines, and tokens per step per device."""
     cfg = compose_config(overrides, conf_dir=REPO / "conf")
     plan = validate_config(cfg)
-    est = perf.estimate(cfg, plan)
+    est = perf.estimate(plan, cfg.model, cfg.cluster)
     wanted = ("step time", "peak", "collective", "warning")
     lines = [line for line in perf.format_estimate(est, cfg.cluster) if line.startswith(wanted)]
     return est, lines, plan.global_batch_size * plan.seq_len // plan.world_size

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model_parallel.args import ModelArgs  # noqa: E402
 from model_parallel.llama import Transformer, compile_model  # noqa: E402
-from orchestrator.config.schema import Config, TrainConfig  # noqa: E402
+from orchestrator.config.schema import TrainConfig  # noqa: E402
 from orchestrator.planning.flops import model_flops_per_token  # noqa: E402
 from orchestrator.runtime.engine import build_optimizer  # noqa: E402
 
@@ -155,7 +155,7 @@ WARMUP_STEPS = 3  # allocator, optimiser state, and the compile (twice for dynam
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """The trainer's optimiser for this model (``orchestrator.runtime.engine.build_optimizer``)."""
     train = TrainConfig(steps=1, global_batch_size=1, lr=3e-4, weight_decay=0.1)
-    return build_optimizer(model, Config(train=train))
+    return build_optimizer(model, train)
 
 
 def time_steps(

@@ -15,8 +15,12 @@ Subpackages, named for where they run:
 - ``launch``: the command line, the local launcher, SLURM rendering and
   submission, run folders (login node).
 - ``status``: reading a run folder: ``python -m orchestrator.status RUN_DIR``.
+- ``protocol`` (a module, both sides): what the launchers and the ranks agree
+  on: exit codes, stop signals, start-up phases, the console pipe, reading
+  heartbeats. A leaf: it imports nothing of ours, nor torch.
 
 Login-node code (``config``, ``planning``, ``launch``, ``status``) does not
-import ``runtime`` at module level, and ``runtime`` never imports ``launch``;
-``tests/test_import_graph.py`` holds both, and names each exception.
+import ``runtime`` at module level (the command line imports it inside the
+functions that make the process a rank), and ``runtime`` never imports
+``launch``; ``tests/test_import_graph.py`` holds both.
 """

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orchestrator.config.schema import load_config
-from orchestrator.runtime.faults import EXIT_REQUEUE
+from orchestrator.protocol import EXIT_REQUEUE
 from orchestrator.state.checkpoint import checkpoint_dir, latest_tag
 from orchestrator.state.integrity import verify
 from orchestrator.state.weights import read_checkpoint

@@ -30,7 +30,7 @@ from model_parallel.args import ModelArgs, padded_vocab_size
 from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.fused import cross_entropy
 from model_parallel.llama import Transformer, compile_model
-from orchestrator.config.schema import Config, TrainConfig
+from orchestrator.config.schema import TrainConfig
 from orchestrator.runtime.engine import build_optimizer
 from orchestrator.status.metrics import read_metrics
 from tests.launch import run_launch
@@ -39,8 +39,8 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 SMALL = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=1000, multiple_of=32, max_seq_len=32)
 
 
-def _train_cfg() -> Config:
-    return Config(train=TrainConfig(steps=1, global_batch_size=1, lr=1e-2, weight_decay=0.1))
+def _train_cfg() -> TrainConfig:
+    return TrainConfig(steps=1, global_batch_size=1, lr=1e-2, weight_decay=0.1)
 
 
 def _adamw_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:

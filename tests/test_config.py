@@ -266,7 +266,7 @@ def test_peak_follows_the_precision() -> None:
         cfg = load(
             "model=7b", "parallel=tp8pp1", "cluster=a100_80g", f"train.precision={precision}"
         )
-        est = estimate(cfg, resolve_plan(cfg))
+        est = estimate(resolve_plan(cfg), cfg.model, cfg.cluster)
         times[precision] = est.time.compute
         assert est.peak_tflops == cfg.cluster.peak_for(precision)
     assert times["fp32"] == pytest.approx(times["bf16"] * 312 / 19.5)

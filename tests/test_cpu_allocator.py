@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.schema import ClusterConfig
-from orchestrator.runtime import cpu_allocator
+from orchestrator.planning import cpu_allocator
 from tests.launch import run_launch
 from tests.test_cli import _assert_one_line_error, run
 

@@ -192,7 +192,7 @@ def test_cpu_step_time_counts_every_latency(
     seed_cache(threads=1, procs=4)
     cfg = load()
     plan = resolve_plan(cfg)
-    t = perf.estimate(cfg, plan).time
+    t = perf.estimate(plan, cfg.model, cfg.cluster).time
     m, layers, e = 8, 2, 4  # micro-batches, layers per stage, fp32
     micro_bytes = 1 * 128 * 128 * e
     all_reduces = 4 * layers * m
@@ -213,7 +213,7 @@ def test_cpu_step_time_counts_every_latency(
 
 def test_gpu_plans_say_what_is_not_modelled() -> None:
     cfg = load("model=7b", "parallel=tp8pp1", "cluster=a100_80g")
-    est = perf.estimate(cfg, resolve_plan(cfg))
+    est = perf.estimate(resolve_plan(cfg), cfg.model, cfg.cluster)
     assert est.time.framework is None and est.host is None
     text = "\n".join(perf.format_estimate(est, cfg.cluster))
     assert "+ framework not modelled" in text
@@ -239,7 +239,9 @@ def test_plan_within_factor_of_a_short_default_run(
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     measured = sorted(r["step_time_s"] for r in records if r.get("step", 0) > 4 and "loss" in r)
     cfg = load(*overrides)
-    planned = perf.estimate(cfg, resolve_plan(cfg)).time.total  # the run's cache: no new probe
+    planned = perf.estimate(
+        resolve_plan(cfg), cfg.model, cfg.cluster
+    ).time.total  # the run's cache: no new probe
     median = measured[len(measured) // 2]
     assert 1 / PLAN_FACTOR < planned / median < PLAN_FACTOR, (planned, measured, os.getloadavg())
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from orchestrator.launch.launcher import child_env
 from orchestrator.runtime.dist_env import (
     DistEnv,
     _discover_with,
     _pick_rendezvous,
-    child_env,
     read_env,
     scontrol_first_node_addr,
     slurm_port,

@@ -44,7 +44,7 @@ CASES = {
 @pytest.mark.parametrize("golden", sorted(CASES))
 def test_deepspeed_json_matches_golden(golden: str) -> None:
     cfg = compose_config(CASES[golden], conf_dir=REPO / "conf")
-    got = deepspeed_config(cfg, resolve_plan(cfg), on_gpu="a100" in golden)
+    got = deepspeed_config(resolve_plan(cfg), cfg.train, cfg.deepspeed, on_gpu="a100" in golden)
     if os.environ.get("UPDATE_GOLDEN") == "1":
         (GOLDEN / golden).write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
     assert got == json.loads((GOLDEN / golden).read_text())
@@ -53,9 +53,9 @@ def test_deepspeed_json_matches_golden(golden: str) -> None:
 def test_extra_key_that_conflicts_is_an_error() -> None:
     cfg = compose_config(["+deepspeed.extra.train_batch_size=16"], conf_dir=REPO / "conf")
     with pytest.raises(ValueError, match=r"deepspeed.extra.train_batch_size=16: conflicts with 8"):
-        deepspeed_config(cfg, resolve_plan(cfg))
+        deepspeed_config(resolve_plan(cfg), cfg.train, cfg.deepspeed)
     same = compose_config(["+deepspeed.extra.train_batch_size=8"], conf_dir=REPO / "conf")
-    assert deepspeed_config(same, resolve_plan(same))["train_batch_size"] == 8
+    assert deepspeed_config(resolve_plan(same), same.train, same.deepspeed)["train_batch_size"] == 8
 
 
 def test_lr_schedule_formula() -> None:
@@ -161,7 +161,7 @@ def _reduced_bf16_gradient(rank: int, ws: int, micro_batches: int) -> list[float
     plan = resolve_plan(cfg)
     groups = ProcessGroups.build(Layout(dp=ws))
     model = torch.nn.Linear(8, 8, bias=False).bfloat16()
-    engine = initialize(model, cfg, plan, groups, on_gpu=False)
+    engine = initialize(model, plan, cfg.train, cfg.deepspeed, groups, on_gpu=False)
     for micro in range(micro_batches):
         scale = _BIG if rank + micro == 0 else _SMALL
         x = torch.full((1, 8), scale, dtype=torch.bfloat16)

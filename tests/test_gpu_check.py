@@ -49,7 +49,7 @@ def test_the_checks_trainer_run_fits_one_h100() -> None:
     cfg = load(*GPU_TRAIN, *COMMON_TRAIN, "cluster=h100_80g")
     plan = validate_config(cfg)
     assert (plan.micro_batch_size, plan.num_micro_batches, plan.zero_stage) == (4, 2, 1)
-    est = estimate(cfg, plan)
+    est = estimate(plan, cfg.model, cfg.cluster)
     assert est.fits
     # bf16 ZeRO-1 at dp 1: 2 + 2 + 4 + 12 bytes a parameter, plus four sequences' activations.
     peak = est.peak

@@ -21,6 +21,7 @@ import pytest
 
 from orchestrator.config.compose import compose_config
 from orchestrator.launch.run_folder import prepare_run_dir
+from orchestrator.planning.ds_config import deepspeed_config
 from orchestrator.planning.plan import validate_config
 from orchestrator.runtime.dist_env import DistEnv
 from orchestrator.status.metrics import read_metrics
@@ -107,7 +108,9 @@ def test_training_under_mpiexec_matches_the_local_launcher(tmp_path: Path) -> No
     reference = read_metrics(tmp_path / "local" / "metrics.jsonl")
 
     config = compose_config([*OVERRIDES, f"run.dir={tmp_path / 'mpi'}"], conf_dir=REPO / "conf")
-    run_dir = prepare_run_dir(config, validate_config(config))
+    run_dir = prepare_run_dir(
+        config, deepspeed_config(validate_config(config), config.train, config.deepspeed)
+    )
     mpiexec(2, sys.executable, "-m", "orchestrator.runtime.worker", str(run_dir), timeout=500)
     losses = read_metrics(run_dir / "metrics.jsonl")
 

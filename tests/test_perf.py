@@ -56,7 +56,7 @@ def test_llama65b_on_2048_a100_matches_the_paper() -> None:
     )
     plan = resolve_plan(cfg)
     assert (plan.world_size, plan.dp, plan.num_micro_batches) == (2048, 64, 32)
-    est = estimate(cfg, plan)
+    est = estimate(plan, cfg.model, cfg.cluster)
     assert est.fits
     assert est.tokens_per_s_per_device == pytest.approx(380, rel=0.15)
     # The bubble is (p-1)/(m+p-1) of the pipeline's time: 3/35.
@@ -92,7 +92,7 @@ def test_torchtitan_llama3_fsdp_on_64_a100(model: str) -> None:
     )
     plan = resolve_plan(cfg)
     assert (plan.seq_len, plan.micro_batch_size, plan.num_micro_batches) == (8192, 1, 1)
-    est = estimate(cfg, plan)
+    est = estimate(plan, cfg.model, cfg.cluster)
     assert est.fits
     assert est.tokens_per_s_per_device == pytest.approx(published, rel=0.15)
     # Without overlapping ZeRO-3's gathers and reduce-scatter (engine.py's
@@ -134,7 +134,7 @@ def test_megatron_2022_mfu(name: str) -> None:
     )
     plan = resolve_plan(cfg)
     assert plan.dp == 1
-    assert estimate(cfg, plan).mfu == pytest.approx(published, rel=0.15)
+    assert estimate(plan, cfg.model, cfg.cluster).mfu == pytest.approx(published, rel=0.15)
 
 
 def test_zero_state_hand_count() -> None:
@@ -360,11 +360,13 @@ def test_one_f_one_b_in_flight_and_checkpointing() -> None:
     args = cfg.model.to_args()
     shape = dict(micro_batch=1, seq_len=128, tp=1, sp=False, e=4)
     layer = layer_activation_bytes(args, **shape)  # type: ignore[arg-type]
-    assert stage_memory(cfg, plan, 0).activations == 2 * 2 * layer
-    assert stage_memory(cfg, plan, 1).activations == 1 * 2 * layer
-    cfg.parallel.activation_checkpointing = "full"
+    assert stage_memory(plan, cfg.model, cfg.cluster, 0).activations == 2 * 2 * layer
+    assert stage_memory(plan, cfg.model, cfg.cluster, 1).activations == 1 * 2 * layer
+    full = resolve_plan(
+        load("parallel=tp1pp2", "train.precision=fp32", "parallel.activation_checkpointing=full")
+    )
     layer_input = 128 * 128 * 4
-    assert stage_memory(cfg, plan, 0).activations == 2 * 2 * layer_input + layer
+    assert stage_memory(full, cfg.model, cfg.cluster, 0).activations == 2 * 2 * layer_input + layer
 
 
 def test_verdict_names_the_largest_item() -> None:
@@ -378,7 +380,7 @@ def test_verdict_names_the_largest_item() -> None:
     text = format_plan(resolve_plan(fits), fits)
     assert "memory verdict: fits in 80.00 GiB" in text
     assert "tokens/s per device, MFU" in text
-    est = estimate(fits, resolve_plan(fits))
+    est = estimate(resolve_plan(fits), fits.model, fits.cluster)
     assert est.peak.total < 80 * GIB
 
 
@@ -457,7 +459,7 @@ def _rank(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
     ds_engine.init_deepspeed_comm()
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
     model: Any = build_model(cfg, plan, groups)
-    engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=False)
+    engine = ds_engine.initialize(model, plan, cfg.train, cfg.deepspeed, groups, on_gpu=False)
     gen = torch.Generator().manual_seed(rank // plan.tp)
     tokens = torch.randint(0, cfg.model.vocab_size, (plan.micro_batch_size, 33), generator=gen)
     batch = (tokens[:, :-1], tokens[:, 1:])
@@ -515,6 +517,6 @@ def test_zero_state_per_rank_equals_the_plan(overrides: tuple[str, ...]) -> None
     cfg = load(*SHAPE, *overrides)
     plan = resolve_plan(cfg)
     for got in run_ranks(_rank, plan.world_size, overrides, timeout=600):
-        state = rank_model_state(cfg, plan, stage=got["stage"], dp_rank=got["dp_rank"])
+        state = rank_model_state(plan, cfg.model, stage=got["stage"], dp_rank=got["dp_rank"])
         want = {"params": state.params, "grads": state.grads, "optimizer": state.optimizer}
         assert got["held"] == {k: want[k] for k in got["held"]}, (got, want)

@@ -81,7 +81,9 @@ def _build_engine(rank: int, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     cfg = compose_config([*COMMON, *overrides], conf_dir=REPO / "conf")
     plan = resolve_plan(cfg)
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
-    engine = ds_engine.initialize(build_model(cfg, plan, groups), cfg, plan, groups, on_gpu=False)
+    engine = ds_engine.initialize(
+        build_model(cfg, plan, groups), plan, cfg.train, cfg.deepspeed, groups, on_gpu=False
+    )
     return engine, cfg, plan, groups
 
 

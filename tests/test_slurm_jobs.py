@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.launch.slurm import CHECKED_IN
-from orchestrator.runtime.faults import EXIT_REQUEUE
+from orchestrator.protocol import EXIT_REQUEUE
 from orchestrator.state.checkpoint import latest_tag
 from orchestrator.state.export import export
 from orchestrator.status.metrics import read_metrics

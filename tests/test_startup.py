@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.runtime.faults import EXIT_REQUEUE, Heartbeat, Watchdog, describe_laggards
-from orchestrator.runtime.startup import STARTUP_PHASES, phase_label, startup_order
+from orchestrator.protocol import (
+    EXIT_REQUEUE,
+    STARTUP_PHASES,
+    describe_laggards,
+    phase_label,
+    startup_order,
+)
+from orchestrator.runtime.faults import Heartbeat, Watchdog
 from tests.launch import REPO, RUN, kill_run, start_launch, worker_pids
 
 SMALL = [

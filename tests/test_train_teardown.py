@@ -29,13 +29,14 @@ from orchestrator.runtime.commwait import COLLECTIVES
 from orchestrator.config.compose import compose_config
 from orchestrator.planning.plan import validate_config
 from orchestrator.launch.run_folder import prepare_run_dir
+from orchestrator.planning.ds_config import deepspeed_config
 
 run_dir = Path(sys.argv[1])
 cfg = compose_config(
     ["model=tiny", "parallel=tp1pp1", "data=synthetic", "train.steps=4", "checkpoint.interval=0", f"run.dir={run_dir}"],
     conf_dir=Path(sys.argv[2]),
 )
-prepare_run_dir(cfg, validate_config(cfg))
+prepare_run_dir(cfg, deepspeed_config(validate_config(cfg), cfg.train, cfg.deepspeed))
 before = {name: getattr(dist, name, None) for name in COLLECTIVES}
 calls = []
 

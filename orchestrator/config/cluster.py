@@ -58,7 +58,7 @@ class ClusterConfig:
     # The most worker processes launcher=local starts on one CPU machine (on a
     # GPU machine the limit is the number of GPUs).
     max_local_procs: int = 8
-    # CPU worker processes' malloc (orchestrator.runtime.cpu_allocator): "auto" preloads
+    # CPU worker processes' malloc (orchestrator.planning.cpu_allocator): "auto" preloads
     # tcmalloc when the node has it, "tcmalloc" requires it, "system" is glibc's.
     cpu_allocator: str = "auto"
     # The plan's performance model (orchestrator.planning.perf). Defaults are an A100 SXM

@@ -41,7 +41,7 @@ from orchestrator.config.rules import (
     positive,
     positive_float,
 )
-from orchestrator.runtime.startup import STARTUP_PHASES
+from orchestrator.protocol import STARTUP_PHASES
 
 # The sections and choices defined beside this module, importable from here as before.
 __all__ = [

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -34,10 +35,12 @@ from orchestrator.launch.run_folder import (
     run_dir_of,
     with_run_dir,
 )
-from orchestrator.planning import perf
+from orchestrator.planning import cpu_allocator, perf
 from orchestrator.planning.ds_config import deepspeed_config
 from orchestrator.planning.plan import Plan, format_plan, validate_config, with_layout
-from orchestrator.runtime import cpu_allocator, dist_env
+
+if TYPE_CHECKING:
+    from orchestrator.runtime.dist_env import DistEnv
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _RANK_WAIT_S = 600  # how long ranks > 0 wait for rank 0's run directory
@@ -54,7 +57,7 @@ def main(cfg: DictConfig) -> int:
         config = to_config(cfg, command_line())
         plan = validate_config(config)
         config = with_layout(config, plan)  # parallel.auto: the chosen layout
-        deepspeed_config(config, plan)  # an extra key that conflicts fails here
+        ds_json = deepspeed_config(plan, config.train, config.deepspeed)  # checks deepspeed.extra
         if not config.dry_run:
             check_fits_memory(config, plan)
         launcher = "dry_run" if config.dry_run else choose_launcher(config, plan)
@@ -69,15 +72,15 @@ def main(cfg: DictConfig) -> int:
         print_error(describe_error(exc))
         return EXIT_BAD_CONFIG
     if script is not None and not config.dry_run:
-        return _submit(config, plan, script)  # prints the plan once submitted
+        return _submit(config, plan, ds_json, script)  # prints the plan once submitted
     if launcher == "dry_run":
         print(format_plan(plan, config), flush=True)
         print("dry run: config and layout are valid; nothing launched")
         return 0
     # A run's plan is in the banner rank 0 prints once it has started.
     if env is not None:
-        return _run_as_rank(config, plan, env.rank)
-    run_dir = prepare_run_dir(config, plan)
+        return _run_as_rank(config, ds_json, env.rank)
+    run_dir = prepare_run_dir(config, ds_json)
     print(
         f"run directory: {run_dir} ({plan.world_size} local workers; rank logs in {run_dir}/logs)",
         flush=True,
@@ -99,6 +102,10 @@ def choose_launcher(config: Config, plan: Plan) -> str:
         if config.slurm.submit:
             slurm.find_sbatch()
         return "slurm"
+    # Imported here, as train is: the rank's side. dist_env is the only reader of
+    # the launcher's variables (srun, mpirun, torchrun), so it alone can say.
+    from orchestrator.runtime import dist_env
+
     if dist_env.started_by() is not None:
         return "rank"
     try:
@@ -125,7 +132,7 @@ def check_fits_memory(config: Config, plan: Plan) -> None:
     """
     if config.cluster.gpus_per_node == 0:
         return
-    est = perf.estimate(config, plan)
+    est = perf.estimate(plan, config.model, config.cluster)
     if est.fits:
         return
     peak = est.peak
@@ -175,9 +182,9 @@ def job_script(config: Config, plan: Plan) -> str:
     )
 
 
-def _submit(config: Config, plan: Plan, script_text: str) -> int:
+def _submit(config: Config, plan: Plan, ds_json: dict[str, Any], script_text: str) -> int:
     run_dir = run_dir_of(config)
-    files = {**run_dir_files(config, plan), slurm.SCRIPT_NAME: script_text}
+    files = {**run_dir_files(config, ds_json), slurm.SCRIPT_NAME: script_text}
     try:
         sbatch = slurm.find_sbatch() if config.slurm.submit else None
         job_id = slurm.write_and_submit(run_dir, files, sbatch=sbatch, cwd=_REPO_ROOT)
@@ -199,8 +206,10 @@ def _submit(config: Config, plan: Plan, script_text: str) -> int:
     return 0
 
 
-def _rank_env(config: Config, plan: Plan) -> dist_env.DistEnv:
+def _rank_env(config: Config, plan: Plan) -> DistEnv:
     """This rank's place, checked against the layout; every rank needs the same ``run.dir``."""
+    from orchestrator.runtime import dist_env  # the rank's side (choose_launcher)
+
     launcher = dist_env.started_by()
     if config.run.dir is None:
         raise ValueError(
@@ -216,11 +225,11 @@ def _rank_env(config: Config, plan: Plan) -> dist_env.DistEnv:
     return env
 
 
-def _run_as_rank(config: Config, plan: Plan, rank: int) -> int:
+def _run_as_rank(config: Config, ds_json: dict[str, Any], rank: int) -> int:
     """Rank 0 writes the run directory, the others wait for it; then each trains."""
     run_dir = run_dir_of(config)
     if rank == 0:
-        prepare_run_dir(config, plan)
+        prepare_run_dir(config, ds_json)
         print(f"run directory: {run_dir}", flush=True)
     else:
         deadline = time.monotonic() + _RANK_WAIT_S
@@ -230,7 +239,7 @@ def _run_as_rank(config: Config, plan: Plan, rank: int) -> int:
                 return 1
             time.sleep(0.5)
     # Imported here: it loads DeepSpeed (seconds, and a warning on stdout) that only ranks need.
-    from orchestrator.runtime.faults import ignore_stop_signals
+    from orchestrator.protocol import ignore_stop_signals
     from orchestrator.runtime.train import train
 
     code = train(config, run_dir)

@@ -20,14 +20,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 import torch
 
-from orchestrator.runtime.dist_env import CONSOLE_FD_VAR, child_env
-from orchestrator.runtime.faults import (
+from orchestrator.protocol import (
+    CONSOLE_FD_VAR,
     EXIT_REQUEUE,
     EXIT_SAVE_FAILED,
     STOP_SIGNALS,
@@ -39,6 +39,26 @@ from orchestrator.runtime.faults import (
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _POLL_S = 0.2
 _GRACE_S = 5.0
+
+
+def child_env(base: Mapping[str, str], *, rank: int, world_size: int, port: int) -> dict[str, str]:
+    """Environment of local worker ``rank``: ``base`` and torchrun's variables for one node.
+
+    The names are torchrun's (its documented contract), which
+    ``orchestrator.runtime.dist_env`` reads like any torchrun launch.
+    """
+    env = dict(base)
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        GROUP_RANK="0",
+        GROUP_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    return env
 
 
 def local_capacity(max_local_procs: int) -> tuple[int, str]:

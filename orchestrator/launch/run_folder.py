@@ -13,10 +13,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from orchestrator.config.schema import Config, config_yaml
-from orchestrator.planning.ds_config import deepspeed_config
-from orchestrator.planning.plan import Plan
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -56,19 +55,24 @@ def run_dir_of(config: Config) -> Path:
     return Path(config.run.dir)
 
 
-def run_dir_files(config: Config, plan: Plan) -> dict[str, str]:
-    """What a run directory starts with: the resolved config and the DeepSpeed JSON."""
+def run_dir_files(config: Config, deepspeed_json: dict[str, Any]) -> dict[str, str]:
+    """What a run directory starts with: the resolved config and the DeepSpeed JSON.
+
+    ``deepspeed_json``: ``orchestrator.planning.ds_config.deepspeed_config`` of the
+    run, built once by the caller (whose check of ``deepspeed.extra`` it is).
+    """
     return {
         "config.yaml": config_yaml(config),
-        "deepspeed.json": json.dumps(deepspeed_config(config, plan), indent=2),
+        "deepspeed.json": json.dumps(deepspeed_json, indent=2),
     }
 
 
-def prepare_run_dir(config: Config, plan: Plan) -> Path:
+def prepare_run_dir(config: Config, deepspeed_json: dict[str, Any]) -> Path:
     """Create the run directory and write the resolved config and DeepSpeed JSON into it."""
     config = with_run_dir(config)
     run_dir = run_dir_of(config)
+    files = run_dir_files(config, deepspeed_json)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    for name, text in run_dir_files(config, plan).items():
+    for name, text in files.items():
         write_atomic(run_dir / name, text)  # other ranks may be waiting for config.yaml
     return run_dir

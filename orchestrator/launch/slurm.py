@@ -39,7 +39,7 @@ from orchestrator.data.build import resolve_paths
 from orchestrator.launch.run_folder import prepare_run_dir, write_atomic
 from orchestrator.planning.ds_config import deepspeed_config
 from orchestrator.planning.plan import Plan, validate_config, with_layout
-from orchestrator.runtime.faults import EXIT_REQUEUE
+from orchestrator.protocol import EXIT_REQUEUE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO_ROOT / "slurm"
@@ -437,8 +437,8 @@ def prepare(run_dir: Path, overrides: Sequence[str] = (), *, ntasks: int = 0) ->
     plan = validate_config(config)
     config = with_layout(config, plan)
     _check_ntasks(ntasks, plan)
-    deepspeed_config(config, plan)
-    prepare_run_dir(resolve_paths(config), plan)
+    ds_json = deepspeed_config(plan, config.train, config.deepspeed)  # checks deepspeed.extra
+    prepare_run_dir(resolve_paths(config), ds_json)
     return f"wrote {path}"
 
 

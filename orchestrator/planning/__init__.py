@@ -4,9 +4,11 @@
   ``Plan`` is the resolved run (layout, stages, padded vocabulary, precision).
 - ``search``: ``parallel=auto``, every valid layout estimated and ranked.
 - ``precision``: the precision policy, the one place its rules are written.
-- ``ds_config``: the DeepSpeed JSON, a pure function of the config and the plan.
+- ``ds_config``: the DeepSpeed JSON, a pure function of the plan and two config sections.
 - ``perf``: memory per device and time per step of a layout.
 - ``plan_view``: what the cost models read of a plan (a ``Protocol``).
 - ``flops``: training FLOPs per token and MFU.
-- ``cpu_costs``, ``cpu_probe``: what a CPU host measures for the time model.
+- ``cpu_costs``, ``cpu_probe``: what a CPU host measures for the time model;
+  ``cpu_allocator``: the malloc CPU ranks run under (tcmalloc, found and checked
+  before launch, preloaded by the worker).
 """

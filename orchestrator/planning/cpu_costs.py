@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config.schema import Config
+from orchestrator.config.cluster import ClusterConfig
 from orchestrator.planning import cpu_probe
 from orchestrator.planning.cpu_probe import CommCosts, RankCpus
 from orchestrator.planning.plan_view import PlanView
@@ -38,9 +38,8 @@ def ranks_per_node(plan: PlanView) -> int:
     return -(-plan.world_size // plan.nodes)
 
 
-def cpu_host(cfg: Config, plan: PlanView) -> CpuHost | None:
+def cpu_host(cluster: ClusterConfig, plan: PlanView) -> CpuHost | None:
     """The measured costs of a CPU plan on this host (cached); None on a GPU cluster."""
-    cluster = cfg.cluster
     if cluster.gpus_per_node > 0:
         return None
     ranks = ranks_per_node(plan)

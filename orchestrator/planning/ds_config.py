@@ -10,19 +10,20 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from orchestrator.config.schema import Config
+from orchestrator.config.schema import DeepSpeedSection, TrainConfig
 from orchestrator.planning.plan import Plan
 
 # A silent engine: our own logger prints progress lines.
 _STEPS_PER_PRINT = 2**31 - 1
 
 
-def deepspeed_config(cfg: Config, plan: Plan, *, on_gpu: bool = False) -> dict[str, Any]:
-    """The DeepSpeed JSON for ``cfg``, with ``cfg.deepspeed.extra`` merged in.
+def deepspeed_config(
+    plan: Plan, train: TrainConfig, deepspeed: DeepSpeedSection, *, on_gpu: bool = False
+) -> dict[str, Any]:
+    """The DeepSpeed JSON of ``plan`` and ``train``, with ``deepspeed.extra`` merged in.
 
     An extra key that contradicts a value set here raises ``ValueError``.
     """
-    train = cfg.train
     ds: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -40,9 +41,9 @@ def deepspeed_config(cfg: Config, plan: Plan, *, on_gpu: bool = False) -> dict[s
     if plan.pp > 1:
         # With sequence parallelism each tp rank holds a different slice of the
         # activation, so DeepSpeed must not split-and-regather it over tp.
-        partitioned = not cfg.parallel.sequence_parallel
+        partitioned = not plan.sequence_parallel
         ds["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
-    return _merge_extra(ds, cfg.deepspeed.extra)
+    return _merge_extra(ds, deepspeed.extra)
 
 
 def _merge_extra(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:

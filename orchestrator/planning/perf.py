@@ -117,7 +117,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from model_parallel.args import ModelArgs
-from orchestrator.config.schema import ClusterConfig, Config
+from orchestrator.config.cluster import ClusterConfig
+from orchestrator.config.model import ModelConfig
 from orchestrator.planning import cpu_costs
 from orchestrator.planning.cpu_costs import CpuHost, ranks_per_node
 from orchestrator.planning.flops import hardware_flops_per_token, model_flops_per_token
@@ -127,10 +128,6 @@ from orchestrator.planning.precision import Precision
 GIB = 2**30
 ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: partitions start 4-byte aligned
 ZERO3_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold (DeepSpeed's default)
-
-
-def element_bytes(precision: str) -> int:
-    return Precision(precision).weight_bytes
 
 
 @dataclass(frozen=True)
@@ -347,46 +344,48 @@ class Estimate:
         return self.peak.total <= self.device_memory
 
 
-def estimate(cfg: Config, plan: PlanView) -> Estimate:
-    """Memory per stage and time per step of ``plan`` on ``cfg.cluster``."""
-    stages = tuple(stage_memory(cfg, plan, stage) for stage in range(plan.pp))
-    host = cpu_costs.cpu_host(cfg, plan)
-    time = step_time(cfg, plan, host=host)
+def estimate(plan: PlanView, model: ModelConfig, cluster: ClusterConfig) -> Estimate:
+    """Memory per stage and time per step of ``plan`` for ``model`` on ``cluster``."""
+    stages = tuple(stage_memory(plan, model, cluster, stage) for stage in range(plan.pp))
+    host = cpu_costs.cpu_host(cluster, plan)
+    time = step_time(plan, model, cluster, host=host)
     tokens = plan.global_batch_size * plan.seq_len / time.total / plan.world_size
-    args = cfg.model.to_args()
-    peak, source = cfg.cluster.peak_source(cfg.train.precision, ranks_per_node=ranks_per_node(plan))
+    args = model.to_args()
+    precision = plan.precision.name
+    peak, source = cluster.peak_source(precision, ranks_per_node=ranks_per_node(plan))
     mfu = tokens * model_flops_per_token(args, plan.seq_len) / (peak * 1e12)
-    memory = cfg.cluster.device_memory_gb * GIB
-    warnings = cpu_costs.warnings(host, cfg.train.precision)
+    memory = cluster.device_memory_gb * GIB
+    warnings = cpu_costs.warnings(host, precision)
     return Estimate(stages, time, tokens, mfu, memory, peak, source, host, warnings)
 
 
 def rank_model_state(
-    cfg: Config, plan: PlanView, *, stage: int, dp_rank: int | None = None
+    plan: PlanView, model: ModelConfig, *, stage: int, dp_rank: int | None = None
 ) -> ModelState:
     """Model state of one device of ``stage`` (``dp_rank=None``: the fullest dp rank)."""
-    args = cfg.model.to_args()
+    args = model.to_args()
     groups = stage_param_groups(args, plan.padded_vocab_size, plan.tp, stage, plan.stage_layers)
-    precision = cfg.train.precision
+    precision = plan.precision.name
     return zero_state_bytes(
         groups, zero_stage=plan.zero_stage, dp=plan.dp, precision=precision, dp_rank=dp_rank
     )
 
 
-def stage_memory(cfg: Config, plan: PlanView, stage: int) -> StageMemory:
+def stage_memory(
+    plan: PlanView, model: ModelConfig, cluster: ClusterConfig, stage: int
+) -> StageMemory:
     """One device of ``stage``: model state for its ZeRO stage, activations in flight."""
-    args = cfg.model.to_args()
-    par = cfg.parallel
-    e = element_bytes(cfg.train.precision)
-    state = rank_model_state(cfg, plan, stage=stage)
-    sp = par.sequence_parallel and plan.tp > 1
+    args = model.to_args()
+    e = plan.precision.weight_bytes
+    state = rank_model_state(plan, model, stage=stage)
+    sp = plan.sequence_parallel
     shape = dict(micro_batch=plan.micro_batch_size, seq_len=plan.seq_len, tp=plan.tp)
-    compiled = cfg.model.compile
+    compiled = model.compile
     layer = layer_activation_bytes(args, sp=sp, e=e, compiled=compiled, **shape)
     first, last = plan.stage_layers[stage]
     n_layers = last - first + 1
     in_flight = min(plan.pp - stage, plan.num_micro_batches)
-    if par.activation_checkpointing == "full":
+    if plan.activation_checkpointing:
         layer_input = plan.micro_batch_size * plan.seq_len * args.dim * e / (plan.tp if sp else 1)
         activations = in_flight * n_layers * layer_input + layer
     else:
@@ -402,7 +401,7 @@ def stage_memory(cfg: Config, plan: PlanView, stage: int) -> StageMemory:
         optimizer=state.optimizer,
         activations=activations,
         logits=logits,
-        overhead=cfg.cluster.memory_overhead_gb * GIB,
+        overhead=cluster.memory_overhead_gb * GIB,
     )
 
 
@@ -416,14 +415,16 @@ def _bandwidth(cluster: ClusterConfig, *, crosses_nodes: bool, host: CpuHost | N
     return host.comm.bandwidth_gbs * 1e9
 
 
-def step_time(cfg: Config, plan: PlanView, *, host: CpuHost | None = None) -> StepTime:
+def step_time(
+    plan: PlanView, model: ModelConfig, cluster: ClusterConfig, *, host: CpuHost | None = None
+) -> StepTime:
     """Seconds per optimiser step (module docstring); ``host``: a CPU plan's measured costs."""
-    args, cluster = cfg.model.to_args(), cfg.cluster
-    e = element_bytes(cfg.train.precision)
-    recompute = cfg.parallel.activation_checkpointing == "full"
+    args = model.to_args()
+    e = plan.precision.weight_bytes
+    recompute = plan.activation_checkpointing
     tokens = plan.global_batch_size * plan.seq_len
     flops = hardware_flops_per_token(args, plan.seq_len, recompute=recompute) * tokens
-    peak = cluster.peak_for(cfg.train.precision, ranks_per_node=ranks_per_node(plan)) * 1e12
+    peak = cluster.peak_for(plan.precision.name, ranks_per_node=ranks_per_node(plan)) * 1e12
     compute = flops / plan.world_size / (peak * cluster.compute_efficiency)
     m, p, t, d = plan.num_micro_batches, plan.pp, plan.tp, plan.dp
     allreduce_s, p2p_s = cpu_costs.latencies(host)
@@ -440,13 +441,13 @@ def step_time(cfg: Config, plan: PlanView, *, host: CpuHost | None = None) -> St
     pp_bw = _bandwidth(cluster, crosses_nodes=pipeline_spans_nodes, host=host)
     transfers = 2 * (m + p - 1) if p > 1 else 0
     pp_comm = transfers * (micro_bytes / t / pp_bw + p2p_s)
-    if t > 1 and not cfg.parallel.sequence_parallel:  # DeepSpeed's pipe_partitioned
+    if t > 1 and not plan.sequence_parallel:  # DeepSpeed's pipe_partitioned
         pp_comm += transfers * (micro_bytes * (t - 1) / t / nvlink + allreduce_s * (t - 1))
     stage_params = max(plan.stage_params_per_rank)
     dp_bw = _bandwidth(cluster, crosses_nodes=gpus > 0 and t * d > gpus, host=host)
     # engine.py's overlap_comm: on a GPU, ZeRO 1-3 outside the pipeline engine
     overlap = gpus > 0 and plan.zero_stage > 0 and p == 1
-    dp_comm = _dp_comm(cfg, plan, stage_params / dp_bw, allreduce_s, compute / m, overlap)
+    dp_comm = _dp_comm(plan, stage_params / dp_bw, allreduce_s, compute / m, overlap)
     framework = None
     if host is not None:  # the optimiser's step on this rank's parameters, its share of the cores
         framework = host.rates["adamw_s_per_param"] * stage_params / host.cpus.share
@@ -454,7 +455,6 @@ def step_time(cfg: Config, plan: PlanView, *, host: CpuHost | None = None) -> St
 
 
 def _dp_comm(
-    cfg: Config,
     plan: PlanView,
     seconds_per_element: float,
     latency_s: float,
@@ -474,14 +474,14 @@ def _dp_comm(
     d, m = plan.dp, plan.num_micro_batches
     if d == 1:
         return 0.0
-    grad_e = Precision(cfg.train.precision).reduce_bytes  # bf16 reduces in fp32
+    grad_e = plan.precision.reduce_bytes  # bf16 reduces in fp32
     ring = (d - 1) / d * seconds_per_element
     latency = latency_s * (d - 1)
     reduce = ring * grad_e + latency
     forward, backward = micro_s / 3, 2 * micro_s / 3
     if plan.zero_stage < 3:
         return (max(0.0, reduce - backward) if overlap else reduce) + reduce
-    gather = ring * element_bytes(cfg.train.precision) + latency
+    gather = ring * plan.precision.weight_bytes + latency
     if not overlap:
         return 2 * m * gather + reduce
     hidden = m * max(0.0, gather - forward) + (m - 1) * max(0.0, gather - backward)

@@ -321,7 +321,11 @@ def format_plan(plan: Plan, cfg: Config, *, estimate: bool = True) -> str:
         lines += search.format_candidates(plan.candidates)
     if estimate:
         # parallel.auto estimated the chosen layout while searching
-        chosen = plan.candidates[0].estimate if plan.candidates else perf.estimate(cfg, plan)
+        chosen = (
+            plan.candidates[0].estimate
+            if plan.candidates
+            else perf.estimate(plan, cfg.model, cfg.cluster)
+        )
         lines += perf.format_estimate(chosen, cfg.cluster)
     return "\n".join(lines)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from orchestrator.planning.precision import Precision
+
 
 class PlanView(Protocol):
     @property
@@ -38,3 +40,9 @@ class PlanView(Protocol):
     def stage_layers(self) -> tuple[tuple[int, int], ...]: ...
     @property
     def stage_params_per_rank(self) -> tuple[int, ...]: ...
+    @property
+    def sequence_parallel(self) -> bool: ...
+    @property
+    def activation_checkpointing(self) -> bool: ...
+    @property
+    def precision(self) -> Precision: ...

@@ -50,7 +50,7 @@ def search_layouts(cfg: Config, *, resolve: Resolve) -> tuple[Candidate, ...]:
             plan = resolve(trial)
         except ValueError:  # e.g. heads not divisible by tp, batch not by micro-batch * dp
             continue
-        found.append(Candidate(par, plan, perf.estimate(trial, plan)))
+        found.append(Candidate(par, plan, perf.estimate(plan, trial.model, trial.cluster)))
     model = f"model={cfg.model.name}"
     if not found:
         raise ValueError(f"parallel.auto=true: {model} has no valid layout on {world} devices")

@@ -7,10 +7,12 @@
   ``faults.inject_*`` testing aids behind the loop's hooks.
 - ``engine``: the DeepSpeed engine and its JSON; ``ds_compat``: every use of
   DeepSpeed beyond its public API, behind one door.
-- ``startup``, ``faults``: start-up phases, stop signals, the hang watchdog.
+- ``startup``, ``faults``: the start-up guard, stop requests, heartbeats and the hang
+  watchdog (the exit codes, phases and signals they share with the launchers:
+  ``orchestrator.protocol``).
 - ``numerics``: bad steps and roll-backs; ``commwait``: time inside collectives.
 - ``monitor``: the banner, progress lines and metrics sinks; ``schedule``: the
-  learning-rate schedule; ``cpu_allocator``: tcmalloc for CPU workers.
+  learning-rate schedule.
 
 Never imports ``orchestrator.launch``.
 """

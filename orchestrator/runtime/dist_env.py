@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from orchestrator.protocol import CONSOLE_FD_VAR
+
 TORCHRUN, SLURM, MPI = "torchrun", "slurm", "mpi"
 
 # Step ids SLURM gives to steps that are not srun job steps (slurm.h, 22.05):
@@ -456,33 +458,6 @@ def _torchrun_vars(env: DistEnv) -> dict[str, str]:
         "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(env.master_port),
     }
-
-
-def child_env(base: Mapping[str, str], *, rank: int, world_size: int, port: int) -> dict[str, str]:
-    """Environment of local worker ``rank`` (what the local launcher sets: one node)."""
-    env = dict(base)
-    env.update(
-        _torchrun_vars(
-            DistEnv(
-                rank=rank,
-                world_size=world_size,
-                local_rank=rank,
-                local_world_size=world_size,
-                node_rank=0,
-                num_nodes=1,
-                master_addr="127.0.0.1",
-                master_port=port,
-                launcher=TORCHRUN,
-            )
-        )
-    )
-    return env
-
-
-# The local launcher gives rank 0 a second pipe, the console: our own log lines
-# go there as well as to the rank log, so the terminal shows the banner and the
-# progress lines without DeepSpeed's and torch's messages (those stay in the log).
-CONSOLE_FD_VAR = "ORCHESTRATOR_CONSOLE_FD"
 
 
 def console_fd(environ: Mapping[str, str] | None = None) -> int | None:

@@ -13,8 +13,7 @@ from torch import nn
 from model_parallel.fused import fused_adam_class
 from model_parallel.groups import ProcessGroups
 from model_parallel.layers import counts_in_norm
-from model_parallel.llama import compile_model
-from orchestrator.config.schema import Config
+from orchestrator.config.schema import DeepSpeedSection, TrainConfig
 from orchestrator.planning.ds_config import deepspeed_config
 from orchestrator.planning.plan import Plan
 from orchestrator.runtime.schedule import lr_at
@@ -81,7 +80,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with the paper's betas: apex FusedAdam on GPU if present, else torch's fused AdamW.
 
     torch's ``fused=True`` AdamW is one kernel per parameter group on CUDA and
@@ -90,7 +89,6 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     update (the same operations, ordered differently); on bf16 parameters it
     does the update math in fp32 and rounds once (``tests/test_compile.py``).
     """
-    train = cfg.train
     groups = param_groups(model, train.weight_decay)
     betas = (train.beta1, train.beta2)
     device = next(model.parameters()).device
@@ -105,10 +103,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Config
+    optimizer: torch.optim.Optimizer, train: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup + cosine (``orchestrator.runtime.schedule``) as a multiplier of the peak lr."""
-    train = cfg.train
     factor = functools.partial(
         _lr_factor,
         warmup_steps=train.warmup_steps,
@@ -165,18 +162,26 @@ def init_deepspeed_comm() -> None:
 
 
 def initialize(
-    model: nn.Module, cfg: Config, plan: Plan, groups: ProcessGroups, *, on_gpu: bool
+    model: nn.Module,
+    plan: Plan,
+    train: TrainConfig,
+    deepspeed_section: DeepSpeedSection,
+    groups: ProcessGroups,
+    *,
+    on_gpu: bool,
 ) -> Any:
-    """``deepspeed.initialize`` with our optimiser, schedule and ``mpu``; returns the engine."""
+    """``deepspeed.initialize`` with our optimiser, schedule and ``mpu``; returns the engine.
+
+    The DeepSpeed JSON is built here, once per rank, from the plan, ``train``
+    and ``deepspeed.extra`` (``orchestrator.planning.ds_config``).
+    """
     import deepspeed  # deferred: importing deepspeed is slow and prints
 
     from orchestrator.runtime import ds_compat
 
-    if cfg.model.compile:
-        compile_model(model)  # each block, not the engine: DeepSpeed's hooks stay eager
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    ds_config = deepspeed_config(cfg, plan, on_gpu=on_gpu)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    ds_config = deepspeed_config(plan, train, deepspeed_section, on_gpu=on_gpu)
     # The pipeline engine takes the grid of the PipelineModule as its mpu.
     mpu = None if plan.pp > 1 else DeepSpeedMPU(groups)
     engine, _, _, _ = deepspeed.initialize(

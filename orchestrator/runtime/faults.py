@@ -29,7 +29,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,15 +36,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrator.runtime.startup import EXIT_REQUEUE as EXIT_REQUEUE
-from orchestrator.runtime.startup import STOP_SIGNALS as STOP_SIGNALS
-from orchestrator.runtime.startup import startup_order
+from orchestrator.protocol import (
+    EXIT_HANG,
+    STOP_SIGNALS,
+    WATCHDOG_TICK_S,
+    Laggards,
+    describe_laggards,
+    laggards,
+)
 
-EXIT_HANG = 3
-# A checkpoint could not be written (disk full, permission, I/O error): not requeued.
-EXIT_SAVE_FAILED = 4
 _TRAINING = "training step"  # the phase prefix whose beats are rate-limited
-_TICK_S = 1.0  # the watchdog's longest tick: a beat is rewritten every interval plus this
 
 
 class StopRequest:
@@ -71,17 +71,6 @@ class StopRequest:
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def ignore_stop_signals() -> None:
-    """After training has returned: late SIGUSR1/SIGTERM must not turn the exit code into a death.
-
-    Python puts the default handlers back while it shuts down, so a signal in
-    the last moments would kill the process. Ignoring is process-wide (blocking
-    would cover one thread only) and survives the shutdown.
-    """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class Heartbeat:
@@ -184,88 +173,6 @@ class Heartbeat:
         return laggards(self.dir, world_size=world_size, since=since)
 
 
-@dataclass
-class Laggards:
-    """What the heartbeats say about a hang: who went quiet, who is behind, who never beat."""
-
-    quiet: list[dict[str, Any]]  # alive once, then silent while the others kept beating
-    behind: list[dict[str, Any]]  # the earliest start-up phase, else the lowest step
-    missing: list[int]  # no beat in this start
-
-
-def laggards(beat_dir: Path, *, world_size: int, since: float) -> Laggards:
-    """The likely culprits of a hang, from one read of each rank's heartbeat.
-
-    Quiet: a rank whose ``alive`` stamp is more than two of its own beat
-    intervals (plus a watchdog tick) older than the newest one seen -- its
-    process is frozen or gone while its peers still wait in a collective.
-    Furthest behind, among the others: the earliest start-up phase, else the
-    lowest step. A beat older than ``since`` (a unix time) is a previous
-    start's: that rank has not written one in this start.
-    """
-    beats = {}
-    for f in beat_dir.glob("rank_*.json"):
-        try:
-            b = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if float(b.get("time", 0)) >= since:
-            beats[int(b["rank"])] = b
-    missing = [r for r in range(world_size) if r not in beats]
-    if not beats:
-        return Laggards([], [], missing)
-    newest = max(_alive(b) for b in beats.values())
-    quiet = [
-        b
-        for _, b in sorted(beats.items())
-        if b.get("phase") != "exited"
-        and newest - _alive(b) > 2 * float(b.get("interval_s", 0.0)) + _TICK_S
-        and "interval_s" in b
-    ]
-    for b in quiet:
-        b["silent_s"] = newest - _alive(b)
-    rest = {r: b for r, b in beats.items() if b not in quiet}
-    if not rest:
-        return Laggards(quiet, [], missing)
-    lowest = min(_progress_key(b) for b in rest.values())
-    behind = [b for r, b in sorted(rest.items()) if _progress_key(b) == lowest]
-    return Laggards(quiet, behind, missing)
-
-
-def describe_laggards(found: Laggards, *, skip: int = -1) -> str:
-    """``not responding: rank 1 (...); furthest behind: rank 2 (host, step 0, phase), ...``."""
-
-    def named(group: list[dict[str, Any]], extra: bool = False) -> str:
-        shown = [b for b in group if b["rank"] != skip]
-        text = ", ".join(
-            f"rank {b['rank']} ({b.get('host', '?')}, step {b['step']}, {b['phase']}"
-            + (f", silent {b['silent_s']:.0f}s" if extra else "")
-            + ")"
-            for b in shown[:8]
-        )
-        return text + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
-
-    parts = []
-    if found.quiet:
-        parts.append(f"not responding (the others kept beating): {named(found.quiet, True)}")
-    parts.append(f"furthest behind: {named(found.behind) or 'none seen'}")
-    text = "; ".join(parts)
-    if found.missing:
-        text += f"; no heartbeat from {len(found.missing)} rank(s): "
-        text += ", ".join(str(r) for r in found.missing[:8])
-        text += " ..." if len(found.missing) > 8 else ""
-    return text
-
-
-def _alive(beat: dict[str, Any]) -> float:
-    return float(beat.get("alive", beat.get("time", 0.0)))
-
-
-def _progress_key(beat: dict[str, Any]) -> tuple[int, int]:
-    order = startup_order(str(beat.get("phase", "")))
-    return (0, order) if order is not None else (1, int(beat["step"]))
-
-
 class Watchdog:
     """Ends this rank when it is stuck: in one start-up phase, or without training progress.
 
@@ -311,7 +218,9 @@ class Watchdog:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout_s / 4, self.startup_timeout_s / 4)):
+        while not self._stop.wait(
+            min(WATCHDOG_TICK_S, self.timeout_s / 4, self.startup_timeout_s / 4)
+        ):
             self.heartbeat.flush_due()
             limit = self.startup_timeout_s if self.in_startup else self.timeout_s
             idle = time.monotonic() - self._last

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
+from orchestrator.config.cluster import ClusterConfig
+from orchestrator.config.model import ModelConfig
 from orchestrator.config.schema import Config
-from orchestrator.planning import cpu_costs
+from orchestrator.planning import cpu_allocator, cpu_costs
 from orchestrator.planning.flops import hardware_flops_per_token, model_flops_per_token
 from orchestrator.planning.plan import Plan, format_plan
 from orchestrator.planning.precision import Precision
-from orchestrator.runtime import cpu_allocator
 from orchestrator.runtime.faults import Heartbeat
 from orchestrator.status.metrics import MetricsWriter, StepMetrics, peak_memory_gb, progress_line
 
@@ -44,32 +45,35 @@ class Monitor:
 
     def __init__(
         self,
-        cfg: Config,
         plan: Plan,
+        model: ModelConfig,
+        cluster: ClusterConfig,
         run_dir: Path,
         *,
+        total_steps: int,
         rank: int,
         device: torch.device,
         heartbeat: Heartbeat,
+        sinks: list[Sink] | None = None,
     ) -> None:
-        self.cfg, self.plan, self.device, self.heartbeat = cfg, plan, device, heartbeat
-        self.total_steps = cfg.train.steps
+        """``sinks``: rank 0's TensorBoard and W&B writers (``open_sinks``); none elsewhere."""
+        self.plan, self.device, self.heartbeat = plan, device, heartbeat
+        self.total_steps = total_steps
         self.tokens_per_step = plan.global_batch_size * plan.seq_len
-        args = cfg.model.to_args()
+        args = model.to_args()
         self.model_flops = model_flops_per_token(args, plan.seq_len)
-        self.peak_tflops = cfg.cluster.peak_for(cfg.train.precision)
-        recompute = cfg.parallel.activation_checkpointing == "full"
+        self.peak_tflops = cluster.peak_for(plan.precision.name)
         self.hardware_flops = (
-            hardware_flops_per_token(args, plan.seq_len, recompute=True) if recompute else None
+            hardware_flops_per_token(args, plan.seq_len, recompute=True)
+            if plan.activation_checkpointing
+            else None
         )
         self.last_step = 0
         self._recent: deque[float] = deque(maxlen=_ETA_WINDOW)
         self._recent_busy: deque[float] = deque(maxlen=_ETA_WINDOW)  # step minus collective waits
         self._interval_time, self._interval_steps = 0.0, 0
         self.writer = MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
-        self._sinks: list[_Sink] = []
-        if rank == 0:
-            self._sinks = _open_sinks(cfg, run_dir)
+        self._sinks: list[Sink] = list(sinks or [])
 
     def step_done(
         self,
@@ -178,7 +182,7 @@ class Monitor:
                 self._sinks.remove(sink)
 
 
-class _Sink:
+class Sink:
     def write(self, step: int, values: dict[str, float]) -> None:
         raise NotImplementedError
 
@@ -186,7 +190,7 @@ class _Sink:
         raise NotImplementedError
 
 
-class _TensorBoard(_Sink):
+class _TensorBoard(Sink):
     """Event files in ``RUN_DIR/tensorboard`` (``tensorboard --logdir RUN_DIR/tensorboard``)."""
 
     def __init__(self, log_dir: Path) -> None:
@@ -203,7 +207,7 @@ class _TensorBoard(_Sink):
         self.writer.close()
 
 
-class _Wandb(_Sink):
+class _Wandb(Sink):
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         import wandb
 
@@ -223,9 +227,13 @@ class _Wandb(_Sink):
         self.run.finish()
 
 
-def _open_sinks(cfg: Config, run_dir: Path) -> list[_Sink]:
-    """The configured sinks that can be opened; a missing package is a warning, not an error."""
-    sinks: list[_Sink] = []
+def open_sinks(cfg: Config, run_dir: Path) -> list[Sink]:
+    """The sinks ``cfg.monitor`` asks for that can be opened (rank 0's).
+
+    A missing package is a warning, not an error. The whole ``cfg`` is W&B's
+    record of the run.
+    """
+    sinks: list[Sink] = []
     if cfg.monitor.tensorboard:
         try:
             sinks.append(_TensorBoard(run_dir / "tensorboard"))
@@ -257,11 +265,13 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
 
     A warning of the estimate (bf16 emulated on this CPU) is also logged as one.
     """
-    par = cfg.parallel
     args = cfg.model.to_args()
     flops = model_flops_per_token(args, plan.seq_len)
     summary = format_plan(plan, cfg, estimate=False)
-    estimate = estimate_lines(cfg, plan)  # computed once; a failing model never stops a run
+    estimate = estimate_lines(
+        plan, cfg.model, cfg.cluster
+    )  # once; a failing model never stops a run
+    checkpointing = "full" if plan.activation_checkpointing else "none"
     allocator = []
     if cfg.cluster.gpus_per_node == 0:
         allocator = [
@@ -272,12 +282,12 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
         f"run directory: {run_dir}",
         f"resume: {resume}",
         summary,
-        f"precision: {cfg.train.precision}; activation checkpointing: "
-        f"{par.activation_checkpointing}; sequence parallel: {par.sequence_parallel}",
+        f"precision: {plan.precision.name}; activation checkpointing: "
+        f"{checkpointing}; sequence parallel: {plan.sequence_parallel}",
         f"steps: {cfg.train.steps} x {plan.global_batch_size * plan.seq_len:,} tokens "
         f"(seq {plan.seq_len}); log every {cfg.train.log_interval}",
         f"model FLOPs per token: {flops:.4g} (6N + 12*l*s*d, orchestrator.planning.flops); "
-        f"{_peak_phrase(cfg, plan)}",
+        f"{_peak_phrase(plan, cfg.cluster)}",
         *allocator,
         *estimate,
         "=" * 72,
@@ -288,30 +298,31 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
     return "\n".join(lines)
 
 
-def _peak_phrase(cfg: Config, plan: Plan) -> str:
+def _peak_phrase(plan: Plan, cluster: ClusterConfig) -> str:
     """``device peak X TFLOP/s (precision)``, and whether it was measured or configured."""
-    precision = cfg.train.precision
+    precision = plan.precision.name
     try:
         ranks = cpu_costs.ranks_per_node(plan)
-        peak, source = cfg.cluster.peak_source(precision, ranks_per_node=ranks)
+        peak, source = cluster.peak_source(precision, ranks_per_node=ranks)
     except Exception as exc:  # the banner never stops a run
         return f"device peak not known ({type(exc).__name__}: {exc})"
     where = "measured on this host" if source.startswith("measured") else source
     return f"device peak {peak:.3g} TFLOP/s ({precision}), {where}"
 
 
-def estimate_lines(cfg: Config, plan: Plan) -> list[str]:
+def estimate_lines(plan: Plan, model: ModelConfig, cluster: ClusterConfig) -> list[str]:
     """The plan's memory and throughput estimate per device.
 
-    From the planner (``orchestrator.planning.perf``: ``format_estimate(estimate(cfg,
-    plan), cfg.cluster)``) when it is there and answers; otherwise the model
+    From the planner (``orchestrator.planning.perf``: ``format_estimate(estimate(plan,
+    model, cluster), cluster)``) when it is there and answers; otherwise the model
     state alone, from the ZeRO formulas (16 bytes per parameter with mixed
     precision Adam, split over dp as the stage splits it).
     """
     try:
         from orchestrator.planning import perf  # type: ignore[attr-defined,unused-ignore]
 
-        return [str(line) for line in perf.format_estimate(perf.estimate(cfg, plan), cfg.cluster)]
+        estimate = perf.estimate(plan, model, cluster)
+        return [str(line) for line in perf.format_estimate(estimate, cluster)]
     except Exception as exc:  # the banner never stops a run
         reason = f"orchestrator.planning.perf: {type(exc).__name__}: {exc}"
     per_rank = max(plan.stage_params_per_rank)
@@ -321,6 +332,6 @@ def estimate_lines(cfg: Config, plan: Plan) -> list[str]:
     return [
         f"memory estimate per device: model state {state_gb:.2f} GB (ZeRO-{stage}, "
         f"{bytes_per_param:.2f} B/param x {per_rank:,} params on the largest stage; "
-        f"activations not counted) of {cfg.cluster.device_memory_gb:g} GB",
+        f"activations not counted) of {cluster.device_memory_gb:g} GB",
         f"predicted throughput: n/a ({reason})",
     ]

@@ -1,6 +1,6 @@
 """Start-up, from process start to the first step: its phases and its stop signals.
 
-Every rank reports the phase it is in (``STARTUP_PHASES``, in this order) in
+Every rank reports the phase it is in (``orchestrator.protocol.STARTUP_PHASES``, in order) in
 its heartbeat, and ``orchestrator.runtime.faults.Watchdog`` ends a rank that stays in
 one phase longer than ``faults.startup_timeout_s``, naming the phase, the rank
 and (on rank 0) the ranks behind.
@@ -23,40 +23,7 @@ import signal
 import sys
 import threading
 
-# EX_TEMPFAIL from sysexits.h: "temporary failure, try again" -- requeue.
-EXIT_REQUEUE = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-# The phases of start-up, in the order a rank goes through them.
-STARTUP_PHASES = (
-    "process start",
-    "rendezvous",
-    "deepspeed comm",
-    "data indexes",
-    "model build",
-    "pretrained weights",
-    "engine",
-    "checkpoint search",
-    "checkpoint load",
-    "re-shard",
-    "first evaluation",
-    "first step",
-)
-STARTUP_PREFIX = "start-up: "
-
-
-def phase_label(phase: str) -> str:
-    """The heartbeat's phase string of start-up phase ``phase``."""
-    assert phase in STARTUP_PHASES, phase
-    return STARTUP_PREFIX + phase
-
-
-def startup_order(label: str) -> int | None:
-    """Where a heartbeat's phase string lies in start-up (None: past start-up)."""
-    if not label.startswith(STARTUP_PREFIX):
-        return None
-    name = label[len(STARTUP_PREFIX) :]
-    return STARTUP_PHASES.index(name) if name in STARTUP_PHASES else 0
+from orchestrator.protocol import EXIT_REQUEUE, STOP_SIGNALS
 
 
 class StartupSignals:

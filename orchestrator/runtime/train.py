@@ -28,27 +28,22 @@ import torch.distributed as dist
 
 from model_parallel.groups import ProcessGroups
 from model_parallel.layout import Layout
-from model_parallel.llama import Transformer
+from model_parallel.llama import Transformer, compile_model
 from model_parallel.pipeline import LlamaPipeline, load_stage_state_dict
 from orchestrator.config.schema import Config
 from orchestrator.data.build import build_sources
 from orchestrator.planning.plan import Plan, resolve_plan
+from orchestrator.protocol import EXIT_REQUEUE, EXIT_SAVE_FAILED, phase_label
 from orchestrator.runtime import engine as ds_engine
 from orchestrator.runtime import resume
 from orchestrator.runtime.aids import TestingAids
 from orchestrator.runtime.commwait import CommWaitClock
 from orchestrator.runtime.dist_env import console_fd, init_process_group, read_env
-from orchestrator.runtime.faults import (
-    EXIT_REQUEUE,
-    EXIT_SAVE_FAILED,
-    Heartbeat,
-    StopRequest,
-    Watchdog,
-)
-from orchestrator.runtime.monitor import Monitor, banner, loss_scale
+from orchestrator.runtime.faults import Heartbeat, StopRequest, Watchdog
+from orchestrator.runtime.monitor import Monitor, banner, loss_scale, open_sinks
 from orchestrator.runtime.numerics import NumericsGuard, agree
 from orchestrator.runtime.resume import Run
-from orchestrator.runtime.startup import StartupSignals, phase_label
+from orchestrator.runtime.startup import StartupSignals
 from orchestrator.runtime.steppers import stepper_for
 from orchestrator.state import checkpoint
 from orchestrator.state.weights import read_pretrained
@@ -114,8 +109,11 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             enter("pretrained weights")
             _load_pretrained(model, cfg)
         model = model.to(device)
+        if cfg.model.compile:
+            compile_model(model)  # each block, not the engine: DeepSpeed's hooks stay eager
         enter("engine")
-        engine = ds_engine.initialize(model, cfg, plan, groups, on_gpu=device.type == "cuda")
+        on_gpu = device.type == "cuda"
+        engine = ds_engine.initialize(model, plan, cfg.train, cfg.deepspeed, groups, on_gpu=on_gpu)
         run = Run(cfg, plan, groups, run_dir, engine, data)
         stepper = stepper_for(
             engine,
@@ -133,7 +131,17 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
         if env.rank == 0:
             resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
             log.info("\n%s", banner(cfg, plan, run_dir, resume=resume_point))
-        monitor = Monitor(cfg, plan, run_dir, rank=env.rank, device=device, heartbeat=heartbeat)
+        monitor = Monitor(
+            plan,
+            cfg.model,
+            cfg.cluster,
+            run_dir,
+            total_steps=cfg.train.steps,
+            rank=env.rank,
+            device=device,
+            heartbeat=heartbeat,
+            sinks=open_sinks(cfg, run_dir) if env.rank == 0 else None,
+        )
         undo.callback(monitor.close_sinks)
 
         def evaluate(step: int, phase: str = "evaluation") -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
 
 from orchestrator.config.schema import load_config  # noqa: E402
-from orchestrator.runtime import cpu_allocator  # noqa: E402
+from orchestrator.planning import cpu_allocator  # noqa: E402
 from orchestrator.runtime.startup import StartupSignals  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     # From here a stop signal ends the rank at once (requeue), even inside the
     # seconds torch and DeepSpeed take to import, until training begins.
     signals = StartupSignals().start()
-    from orchestrator.runtime.faults import ignore_stop_signals
+    from orchestrator.protocol import ignore_stop_signals
     from orchestrator.runtime.train import train
 
     code = train(config, run_dir, signals=signals)
