@@ -25,7 +25,7 @@
 #SBATCH --signal=USR1@600
 #SBATCH --requeue
 #
-# Rendered by orchestrator/launch/slurm.py from slurm/template.sh: edit the config, not this file.
+# Rendered by orchestrator/launch/slurm/render.py from slurm/template.sh: edit the config, not this file.
 # Steps: (1) create or reuse the run directory and its resolved config, (2) the
 # first node's address and a free port for the rendezvous, (3) NCCL settings,
 # (4) srun: one rank per task, (5) requeue when the ranks stopped for time.

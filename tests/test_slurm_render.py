@@ -574,7 +574,7 @@ def test_llama3_405b_script_carries_meta_stage_split_and_its_tokenizer() -> None
     script = (slurm.SLURM_DIR / "llama3_405b.sh").read_text()
     assert "parallel.pipeline_split=[7,8,8,8,8,8,8,8,8,8,8,8,8,8,8,7]" in script
     assert "data.tokenizer=data/llama3/tokenizer.json" in script
-    config = slurm._compose(slurm.CHECKED_IN["llama3_405b"])
-    plan = slurm.validate_config(config)
+    config = slurm.compose(slurm.CHECKED_IN["llama3_405b"])
+    plan = validate_config(config)
     sizes = [last - first + 1 for first, last in plan.stage_layers]
     assert sizes == [7] + [8] * 14 + [7] and plan.world_size == 2048
