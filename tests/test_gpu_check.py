@@ -16,7 +16,8 @@ import pytest
 
 from bench.gpu_check import COMMON_TRAIN, GPU_TRAIN
 from bench.train_throughput import MODELS
-from orchestrator.planning.perf import GIB, estimate
+from orchestrator.planning.memory import GIB
+from orchestrator.planning.perf import estimate
 from orchestrator.planning.plan import validate_config
 from tests.test_config import load
 

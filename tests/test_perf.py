@@ -15,18 +15,19 @@ import torch
 
 from model_parallel.args import ModelArgs
 from orchestrator.config.schema import ClusterConfig
-from orchestrator.planning.perf import (
+from orchestrator.planning.memory import (
     GIB,
-    estimate,
     layer_activation_bytes,
     logits_bytes,
     rank_model_state,
     stage_memory,
     zero_state_bytes,
 )
+from orchestrator.planning.perf import estimate
 from orchestrator.planning.plan import format_plan, resolve_plan
 from tests.distributed import run_ranks
 from tests.test_config import load
+from tests.tiny import tiny_args
 
 A100_EFFICIENCY = 0.6
 
@@ -187,8 +188,9 @@ def test_zero_state_matches_the_16_bytes_rule() -> None:
     assert z3.params + z3.grads + z3.optimizer == 16 * n // dp
 
 
-TINY = ModelArgs(
-    dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64
+# model=tiny's shape (conf/model/tiny.yaml), with ModelArgs' default max_seq_len
+TINY = tiny_args(
+    dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64, max_seq_len=2048
 )  # h=128, a=8, f=384
 TINY_GQA = dataclasses.replace(TINY, n_kv_heads=2)  # K and V 32 wide (2 heads of 16)
 TINY_MQA = dataclasses.replace(TINY, n_kv_heads=1)  # at tp 2 each rank holds the one KV head

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from orchestrator.config.schema import ACTIVATION_CHECKPOINTING, Config, ParallelConfig
 from orchestrator.planning import perf
+from orchestrator.planning.memory import GIB
 from orchestrator.planning.plan_view import PlanView
 from orchestrator.planning.precision import Precision
 
@@ -60,7 +61,7 @@ def search_layouts(cfg: Config, *, resolve: Resolve) -> tuple[Candidate, ...]:
         raise ValueError(
             f"parallel.auto=true: none of the {len(found)} layouts of {model} on {world} devices "
             f"fits cluster.device_memory_gb({cfg.cluster.device_memory_gb}); the smallest, "
-            f"{_describe(smallest.parallel)}, needs {smallest.estimate.peak.total / perf.GIB:.1f} GiB"
+            f"{_describe(smallest.parallel)}, needs {smallest.estimate.peak.total / GIB:.1f} GiB"
         )
     return tuple(found)
 
@@ -130,7 +131,7 @@ def format_candidates(candidates: tuple[Candidate, ...]) -> list[str]:
         p, e = c.parallel, c.estimate
         lines.append(
             f"{i:4d} {p.tp:3d} {p.pp:3d} {p.dp:5d} {p.zero_stage:5d} {p.micro_batch_size:6d}  "
-            f"{p.activation_checkpointing:>4}  {e.peak.total / perf.GIB:10.2f}  "
+            f"{p.activation_checkpointing:>4}  {e.peak.total / GIB:10.2f}  "
             f"{'yes' if e.fits else 'no':>4}  {e.tokens_per_s_per_device:15,.1f}  "
             f"{100 * e.mfu:5.1f}%"
         )
