@@ -1,4 +1,4 @@
-"""The golden loss curve every layout is compared with (tests/test_training.py).
+"""The golden loss curve every layout is compared with (tests/test_train_end_to_end.py).
 
 The tiny model, seed 0 (train.seed), the synthetic data's 16 repeating
 samples, 10 steps at tp1pp1 in fp32: per step the loss, the gradient norm

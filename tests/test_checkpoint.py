@@ -101,15 +101,20 @@ def _engine(rank: int) -> object:
     os.environ["LOCAL_RANK"] = str(rank)
     import deepspeed
 
-    from model_parallel.args import ModelArgs
     from model_parallel.groups import ProcessGroups
     from model_parallel.layout import Layout
     from model_parallel.llama import Transformer
     from orchestrator.runtime.engine import DeepSpeedMPU, init_deepspeed_comm
+    from tests.tiny import tiny_args
 
     init_deepspeed_comm()
     groups = ProcessGroups.build(Layout(dp=2))
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64), groups=groups)
+    # smaller still (any model will do for the commit protocol), with the
+    # ModelArgs defaults this test was written with for multiple_of and max_seq_len
+    args = tiny_args(
+        dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=256, max_seq_len=2048
+    )
+    model = Transformer(args, groups=groups)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),

@@ -23,10 +23,12 @@ from orchestrator.state.convert import (
     save_meta_checkpoint,
     to_hf,
 )
+from tests.tiny import tiny_args
 
 transformers = pytest.importorskip("transformers")
 
-ARGS = ModelArgs(dim=96, n_layers=2, n_heads=6, vocab_size=203, multiple_of=32, max_seq_len=64)
+# 6 heads of 16 (Meta's rotary permutation is per head), an odd vocabulary, 64 positions
+ARGS = tiny_args(dim=96, n_heads=6, vocab_size=203, max_seq_len=64)
 
 
 def _hf_model(seed: int = 0) -> torch.nn.Module:

@@ -302,7 +302,7 @@ def test_slurm_step_without_a_rendezvous() -> None:
         read_env(environ)
 
 
-# -- MPI (discovery logic with a fake communicator; tests/test_mpi.py runs the real one) ----
+# -- MPI (discovery logic with a fake communicator; tests/test_dist_env_mpi.py runs the real one) ----
 
 
 class FakeComm:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_parallel.args import ModelArgs
 from orchestrator.config.compose import compose_config
 from orchestrator.planning.ds_config import deepspeed_config
 from orchestrator.planning.plan import resolve_plan
 from orchestrator.runtime.schedule import lr_at
 from tests.distributed import run_ranks
+from tests.tiny import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -73,7 +73,7 @@ def test_lr_schedule_formula() -> None:
     assert lr_at(total + 500, **kw) == pytest.approx(peak * ratio)
 
 
-ZERO_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=300, multiple_of=32)
+ZERO_ARGS = tiny_args(max_seq_len=2048)  # ModelArgs' default, as this test was written with
 
 
 def _zero_state(rank: int, ws: int, stage: int) -> dict[str, int]:

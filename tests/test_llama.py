@@ -21,9 +21,11 @@ from model_parallel.layers import gather_full, load_shard_
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer, TransformerBlock
 from tests.distributed import run_ranks
+from tests.tiny import tiny_args
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-TINY = ModelArgs(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64, max_seq_len=64)
+# model=tiny's shape (conf/model/tiny.yaml), with 64 positions
+TINY = tiny_args(dim=128, n_layers=4, n_heads=8, vocab_size=2000, multiple_of=64, max_seq_len=64)
 
 
 def _dense_block(

@@ -29,6 +29,7 @@ from orchestrator.state.convert import (
 from orchestrator.state.weights import merge_tp
 from tests.test_cli import _assert_one_line_error, run
 from tests.test_config import load
+from tests.tiny import tiny_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,13 +39,12 @@ transformers = pytest.importorskip("transformers")
 SCALING = RopeScaling(
     factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=32
 )
-ARGS = ModelArgs(
+# Llama 3's kind in miniature: 6 heads of 16 on 2 KV heads, theta 500k, the scaling above
+ARGS = tiny_args(
     dim=96,
-    n_layers=2,
     n_heads=6,
     n_kv_heads=2,
     vocab_size=203,
-    multiple_of=32,
     max_seq_len=64,
     rope_theta=500000.0,
     rope_scaling=SCALING,

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_parallel.args import ModelArgs, padded_vocab_size
+from model_parallel.args import padded_vocab_size
 from model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from model_parallel.fused import cross_entropy
 from model_parallel.llama import Transformer, compile_model
@@ -34,9 +34,10 @@ from orchestrator.config.schema import TrainConfig
 from orchestrator.runtime.engine import build_optimizer
 from orchestrator.status.metrics import read_metrics
 from tests.launch import run_launch
+from tests.tiny import tiny_args
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-SMALL = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=1000, multiple_of=32, max_seq_len=32)
+SMALL = tiny_args(vocab_size=1000)  # 1,000 tokens (1,024 padded), as in the loss tests below
 
 
 def _train_cfg() -> TrainConfig:
@@ -174,7 +175,7 @@ def test_compiled_model_matches_eager_fp32() -> None:
 
 RUN = ["model=tiny", "data=synthetic", "data.num_samples=16", "train.steps=4"]
 RUN += ["train.log_interval=1", "train.warmup_steps=2", "train.lr=3e-3"]
-RTOL = 1e-4  # tests/test_training.py's layout invariance
+RTOL = 1e-4  # tests/test_train_end_to_end.py's layout invariance
 
 
 def _curve(run_dir: Path, *overrides: str) -> list[tuple[float, float]]:

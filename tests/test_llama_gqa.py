@@ -28,6 +28,7 @@ from model_parallel.layers import counts_in_norm, gather_full, load_shard_
 from model_parallel.layout import Layout
 from model_parallel.llama import Attention, Transformer
 from tests.distributed import run_ranks
+from tests.tiny import tiny_args
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 N_HEADS, HEAD_DIM = 8, 6  # head_dim 6: three rotary pairs, not a power of two
@@ -150,9 +151,8 @@ def test_attention_gqa_matches_dense_tp8() -> None:
     _replicas_identical(results, 8)
 
 
-TINY_GQA = ModelArgs(
-    dim=96, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=301, multiple_of=32, max_seq_len=32
-)
+# 8 query heads on 2 KV heads, so tp = 4 replicates each KV head on 2 ranks
+TINY_GQA = tiny_args(dim=96, n_heads=8, n_kv_heads=2, vocab_size=301)
 
 
 def _model_check(rank: int, ws: int) -> None:

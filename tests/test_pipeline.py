@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model_parallel.args import ModelArgs
 from tests.distributed import run_ranks
+from tests.tiny import tiny_args
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=300, multiple_of=32, max_seq_len=32)
+TINY = tiny_args(n_layers=4)  # uneven stages: 1 + 3 layers at pp = 2, 2 + 1 + 1 at pp = 3
 SEED = 3
 
 

@@ -13,15 +13,14 @@ from model_parallel.args import ModelArgs, RopeScaling
 from orchestrator.state.convert import hf_config
 from tests.test_cli import run
 from tests.test_config import load
+from tests.tiny import tiny_args
 
 # Llama 3.1's shape in miniature: GQA, an ffn multiplier, theta 500k, llama3 scaling.
-ARGS = ModelArgs(
+ARGS = tiny_args(
     dim=96,
-    n_layers=2,
     n_heads=6,
     n_kv_heads=2,
     vocab_size=203,
-    multiple_of=32,
     ffn_dim_multiplier=1.3,
     norm_eps=1e-5,
     max_seq_len=256,

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 
 from bench.tp_comm import analytic_tp_all_reduces, bytes_equal, compare_bytes, run_layout
-from model_parallel.args import ModelArgs
 from tests.distributed import run_ranks
+from tests.tiny import tiny_args
 
 # head_dim 8, 6 heads, hidden 130 (65 per rank), vocab padded 1000 -> 1024
-SMALL = ModelArgs(dim=48, n_layers=3, n_heads=6, vocab_size=1000, multiple_of=10)
+SMALL = tiny_args(dim=48, n_layers=3, n_heads=6, vocab_size=1000, multiple_of=10, max_seq_len=2048)
 BATCH, SEQ = 3, 13
 
 

@@ -8,13 +8,15 @@ from model_parallel.args import ModelArgs
 from model_parallel.layers import is_sharded
 from model_parallel.llama import Transformer
 from orchestrator.state.weights import tp_dim
+from tests.tiny import tiny_args
 
 
 @pytest.mark.parametrize(
     "args",
     [
-        ModelArgs(dim=64, n_layers=3, n_heads=4, vocab_size=300, multiple_of=32),
-        ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=1000, multiple_of=48),
+        tiny_args(n_layers=3, max_seq_len=2048),
+        # 8 query heads on 2 KV heads: wk/wv narrower than wq
+        tiny_args(n_heads=8, n_kv_heads=2, vocab_size=1000, multiple_of=48, max_seq_len=2048),
     ],
     ids=["mha", "gqa"],
 )

@@ -87,7 +87,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     on CPU (one vectorised pass instead of the ~10 per-tensor ops of the
     foreach path). In fp32 it matches the foreach path to a few ulps of the
     update (the same operations, ordered differently); on bf16 parameters it
-    does the update math in fp32 and rounds once (``tests/test_compile.py``).
+    does the update math in fp32 and rounds once (``tests/test_llama_compile.py``).
     """
     groups = param_groups(model, train.weight_decay)
     betas = (train.beta1, train.beta2)

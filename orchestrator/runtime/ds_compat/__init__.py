@@ -7,7 +7,7 @@ needed. Everything else we rely on, a private attribute, a method we replace,
 a key in its checkpoint files, is reached only from here, each with the
 reason, so a DeepSpeed upgrade has one file to read. ``pyproject.toml`` pins
 ``deepspeed`` to the minor release the tests ran on, and
-``tests/test_deepspeed_contract.py`` names every attribute and piece of source
+``tests/test_ds_compat.py`` names every attribute and piece of source
 this module relies on, so a missing one fails by name in seconds.
 
 Grouped by who needs it: start-up (no shm op build), the engine's step
