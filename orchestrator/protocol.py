@@ -68,6 +68,32 @@ WATCHDOG_TICK_S = 1.0
 CONSOLE_FD_VAR = "ORCHESTRATOR_CONSOLE_FD"
 
 
+def torchrun_vars(
+    *,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    local_world_size: int,
+    node_rank: int,
+    num_nodes: int,
+    master_addr: str,
+    master_port: int,
+) -> dict[str, str]:
+    """torchrun's variables for one rank: what the local launcher gives its workers
+    and what every rank exports for DeepSpeed (``orchestrator.runtime.dist_env``
+    reads them, like any torchrun launch's)."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "GROUP_RANK": str(node_rank),
+        "GROUP_WORLD_SIZE": str(num_nodes),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+    }
+
+
 def ignore_stop_signals() -> None:
     """After training has returned: late SIGUSR1/SIGTERM must not turn the exit code into a death.
 

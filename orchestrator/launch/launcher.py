@@ -34,6 +34,7 @@ from orchestrator.protocol import (
     describe_laggards,
     ignore_stop_signals,
     laggards,
+    torchrun_vars,
 )
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -42,23 +43,18 @@ _GRACE_S = 5.0
 
 
 def child_env(base: Mapping[str, str], *, rank: int, world_size: int, port: int) -> dict[str, str]:
-    """Environment of local worker ``rank``: ``base`` and torchrun's variables for one node.
-
-    The names are torchrun's (its documented contract), which
-    ``orchestrator.runtime.dist_env`` reads like any torchrun launch.
-    """
-    env = dict(base)
-    env.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        GROUP_RANK="0",
-        GROUP_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+    """Environment of local worker ``rank``: ``base`` and torchrun's variables for one node."""
+    local = torchrun_vars(
+        rank=rank,
+        world_size=world_size,
+        local_rank=rank,
+        local_world_size=world_size,
+        node_rank=0,
+        num_nodes=1,
+        master_addr="127.0.0.1",
+        master_port=port,
     )
-    return env
+    return {**base, **local}
 
 
 def local_capacity(max_local_procs: int) -> tuple[int, str]:

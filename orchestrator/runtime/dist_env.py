@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrator.protocol import CONSOLE_FD_VAR
+from orchestrator.protocol import CONSOLE_FD_VAR, torchrun_vars
 
 TORCHRUN, SLURM, MPI = "torchrun", "slurm", "mpi"
 
@@ -448,16 +448,16 @@ def init_process_group(env: DistEnv, *, timeout_s: float = 600.0) -> torch.devic
 
 
 def _torchrun_vars(env: DistEnv) -> dict[str, str]:
-    return {
-        "RANK": str(env.rank),
-        "WORLD_SIZE": str(env.world_size),
-        "LOCAL_RANK": str(env.local_rank),
-        "LOCAL_WORLD_SIZE": str(env.local_world_size),
-        "GROUP_RANK": str(env.node_rank),
-        "GROUP_WORLD_SIZE": str(env.num_nodes),
-        "MASTER_ADDR": env.master_addr,
-        "MASTER_PORT": str(env.master_port),
-    }
+    return torchrun_vars(
+        rank=env.rank,
+        world_size=env.world_size,
+        local_rank=env.local_rank,
+        local_world_size=env.local_world_size,
+        node_rank=env.node_rank,
+        num_nodes=env.num_nodes,
+        master_addr=env.master_addr,
+        master_port=env.master_port,
+    )
 
 
 def console_fd(environ: Mapping[str, str] | None = None) -> int | None:

@@ -268,9 +268,8 @@ def banner(cfg: Config, plan: Plan, run_dir: Path, *, resume: str) -> str:
     args = cfg.model.to_args()
     flops = model_flops_per_token(args, plan.seq_len)
     summary = format_plan(plan, cfg, estimate=False)
-    estimate = estimate_lines(
-        plan, cfg.model, cfg.cluster
-    )  # once; a failing model never stops a run
+    # Estimated once; a failing model never stops a run.
+    estimate = estimate_lines(plan, cfg.model, cfg.cluster)
     checkpointing = "full" if plan.activation_checkpointing else "none"
     allocator = []
     if cfg.cluster.gpus_per_node == 0:
