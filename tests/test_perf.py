@@ -460,7 +460,7 @@ def _rank(rank: int, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
     plan = resolve_plan(cfg)
     ds_engine.init_deepspeed_comm()
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
-    model: Any = build_model(cfg, plan, groups)
+    model: Any = build_model(cfg.model.to_args(), plan, groups, seed=cfg.train.seed)
     engine = ds_engine.initialize(model, plan, cfg.train, cfg.deepspeed, groups, on_gpu=False)
     gen = torch.Generator().manual_seed(rank // plan.tp)
     tokens = torch.randint(0, cfg.model.vocab_size, (plan.micro_batch_size, 33), generator=gen)

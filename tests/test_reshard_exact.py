@@ -82,7 +82,12 @@ def _build_engine(rank: int, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     plan = resolve_plan(cfg)
     groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
     engine = ds_engine.initialize(
-        build_model(cfg, plan, groups), plan, cfg.train, cfg.deepspeed, groups, on_gpu=False
+        build_model(cfg.model.to_args(), plan, groups, seed=cfg.train.seed),
+        plan,
+        cfg.train,
+        cfg.deepspeed,
+        groups,
+        on_gpu=False,
     )
     return engine, cfg, plan, groups
 

@@ -7,6 +7,7 @@ and writes ``metrics.jsonl`` and TensorBoard events (``orchestrator.runtime.moni
 the loss it reports is the global-batch mean. What the loop leans on, each in
 its own module: the step of its engine kind (``orchestrator.runtime.steppers``),
 the checkpoint operations on the built ``Run`` (``orchestrator.runtime.resume``),
+the step loop itself (``orchestrator.runtime.loop``: step, verdict, save, stop),
 the bad-step verdicts (``orchestrator.runtime.numerics``) and the testing aids
 behind two hooks (``orchestrator.runtime.aids``). Teardown is an ``ExitStack``.
 """
@@ -18,7 +19,7 @@ import logging
 import os
 import random
 import socket
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +27,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model_parallel.args import ModelArgs
 from model_parallel.groups import ProcessGroups
 from model_parallel.layout import Layout
 from model_parallel.llama import Transformer, compile_model
 from model_parallel.pipeline import LlamaPipeline, load_stage_state_dict
-from orchestrator.config.schema import Config
+from orchestrator.config.schema import Config, FaultsConfig, ModelConfig
 from orchestrator.data.build import build_sources
 from orchestrator.planning.plan import Plan, resolve_plan
-from orchestrator.protocol import EXIT_REQUEUE, EXIT_SAVE_FAILED, phase_label
+from orchestrator.protocol import phase_label
 from orchestrator.runtime import engine as ds_engine
 from orchestrator.runtime import resume
 from orchestrator.runtime.aids import TestingAids
 from orchestrator.runtime.commwait import CommWaitClock
 from orchestrator.runtime.dist_env import console_fd, init_process_group, read_env
 from orchestrator.runtime.faults import Heartbeat, StopRequest, Watchdog
-from orchestrator.runtime.monitor import Monitor, banner, loss_scale, open_sinks
-from orchestrator.runtime.numerics import NumericsGuard, agree
+from orchestrator.runtime.loop import TrainLoop
+from orchestrator.runtime.monitor import Monitor, banner, open_sinks
 from orchestrator.runtime.resume import Run
 from orchestrator.runtime.startup import StartupSignals
 from orchestrator.runtime.steppers import stepper_for
@@ -61,11 +63,7 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
     env = read_env()
     _setup_logging(env.rank)
     signals.who = f"rank {env.rank}"
-    aids = TestingAids(cfg.faults, rank=env.rank)
-    # Beats finer than the hang limit: a frozen rank is silent for several intervals when
-    # its peers' watchdogs fire, so rank 0 can tell it from ranks waiting on it.
-    beat_interval = min(cfg.faults.heartbeat_interval_s, cfg.faults.hang_timeout_s / 8)
-    heartbeat = Heartbeat(run_dir, env.rank, interval_s=beat_interval)
+    heartbeat = Heartbeat(run_dir, env.rank, interval_s=_beat_interval(cfg.faults))
     # A step that raises leaves nothing behind: torch.distributed unpatched, the
     # watchdog stopped, the sinks closed (the normal end also beats "exited" and
     # shuts the engine and process group down, which a failing rank must not wait on).
@@ -78,23 +76,18 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             reporter=env.rank == 0,
         ).start()
         undo.callback(watchdog.stop)
+        phases = _Phases(signals, watchdog, TestingAids(cfg.faults, rank=env.rank))
 
-        def enter(phase: str, step: int = 0) -> None:
-            """The next start-up phase: in the heartbeat, under the watchdog's start-up limit."""
-            signals.phase = phase
-            watchdog.progress(step, phase_label(phase))
-            aids.at_phase(phase)
-
-        enter("rendezvous")
+        phases.enter("rendezvous")
         # Collectives time out well after the watchdog, so its clearer message comes first.
         device = init_process_group(env, timeout_s=2 * cfg.faults.hang_timeout_s)
-        enter("deepspeed comm")
+        phases.enter("deepspeed comm")
         ds_engine.init_deepspeed_comm()
         plan = resolve_plan(cfg)
         groups = ProcessGroups.build(Layout(tp=plan.tp, pp=plan.pp, dp=plan.dp))
         _seed_everything(cfg.train.seed)
 
-        enter("data indexes")
+        phases.enter("data indexes")
         data, valid_data = build_sources(
             cfg,
             seq_len=plan.seq_len,
@@ -103,34 +96,20 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             global_batch=plan.global_batch_size,
             micro_batch=plan.micro_batch_size,
         )
-        enter("model build")
-        model = build_model(cfg, plan, groups)
-        if cfg.model.init_from and checkpoint.latest_tag(run_dir) is None:
-            enter("pretrained weights")
-            _load_pretrained(model, cfg)
-        model = model.to(device)
-        if cfg.model.compile:
-            compile_model(model)  # each block, not the engine: DeepSpeed's hooks stay eager
-        enter("engine")
-        on_gpu = device.type == "cuda"
-        engine = ds_engine.initialize(model, plan, cfg.train, cfg.deepspeed, groups, on_gpu=on_gpu)
+        model = _model(cfg, plan, groups, run_dir, device, phases)
+        phases.enter("engine")
+        engine = ds_engine.initialize(
+            model, plan, cfg.train, cfg.deepspeed, groups, on_gpu=device.type == "cuda"
+        )
         run = Run(cfg, plan, groups, run_dir, engine, data)
         stepper = stepper_for(
             engine,
             model,
             num_micro_batches=plan.num_micro_batches,
             groups=groups,
-            loss_hook=aids.loss_hook,
+            loss_hook=phases.aids.loss_hook,
         )
-        enter("checkpoint search")
-        tag = checkpoint.find_resumable(run_dir, run.layout) if cfg.run.resume == "auto" else None
-        start_step = 0
-        if tag is not None:
-            enter("re-shard" if resume.needs_reshard(run, tag) else "checkpoint load")
-            start_step = resume.restore(run, tag)
-        if env.rank == 0:
-            resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
-            log.info("\n%s", banner(cfg, plan, run_dir, resume=resume_point))
+        start_step = _resume(run, phases, rank=env.rank)
         monitor = Monitor(
             plan,
             cfg.model,
@@ -143,135 +122,100 @@ def train(cfg: Config, run_dir: Path, *, signals: StartupSignals | None = None) 
             sinks=open_sinks(cfg, run_dir) if env.rank == 0 else None,
         )
         undo.callback(monitor.close_sinks)
+        loop = TrainLoop(run, stepper, monitor, watchdog, phases.aids, valid_data, device)
 
-        def evaluate(step: int, phase: str = "evaluation") -> None:
-            interval = cfg.train.eval_interval
-            if valid_data is None or not interval or (step % interval and step != cfg.train.steps):
-                return
-            watchdog.progress(step, phase)
-            monitor.eval_done(step, stepper.evaluate(valid_data, cfg.train.eval_iters))
-
-        batches = iter(data)
-        guard = NumericsGuard(
-            max_consecutive_skips=cfg.faults.max_consecutive_skips,
-            spike_factor=cfg.faults.spike_factor,
-            spike_window=cfg.faults.spike_window,
-            fp16=plan.precision.loss_scaling,
-        )
-        stopping = save_failed = False
         if start_step == 0:
-            evaluate(0, phase_label("first evaluation"))
-        step = start_step
-        enter("first step", step)  # compiling, the first pass of every collective
+            loop.evaluate(0, phase_label("first evaluation"))
+        phases.enter("first step", start_step)  # compiling, the first pass of every collective
         signals.stop()
         stop = StopRequest()  # from now on a stop signal is honoured at the end of a step
-        comm_wait = CommWaitClock().install()  # busy = step - waits: the straggler signal
+        comm_wait = CommWaitClock().install()
         undo.callback(comm_wait.uninstall)
-        while step < cfg.train.steps:
-            if not watchdog.in_startup:
-                watchdog.progress(step, f"training step {step + 1}")
-            start, waited_before = time.perf_counter(), comm_wait.total
-            aids.before_step(int(data.state_dict()["position"]) // plan.num_micro_batches + 1)
-            lr = engine.get_lr()[0]
-            skips_before = engine.skipped_steps
-            loss, grad_norm = stepper.train_step(batches)
-            elapsed = time.perf_counter() - start
-            watchdog.end_startup()
-            waited = comm_wait.total - waited_before
-            done = step + 1
-            # Every rank the same verdict, whichever rank saw the fault.
-            seen, skipped = agree(loss, skipped=engine.skipped_steps > skips_before, device=device)
-            verdict = guard.observe(seen, skipped=skipped)
-            scale = loss_scale(engine, plan.precision)
-            monitor.step_done(
-                step=done,
-                loss=seen,
-                lr=lr,
-                grad_norm=grad_norm,
-                elapsed=elapsed,
-                comm_wait=waited,
-                consumed_tokens=run.consumed_tokens(),
-                skipped_steps=guard.skipped_total,
-                loss_scale=scale,
-                scaler_skips=guard.scaler_skips,
-                log_now=verdict.skipped
-                or done % cfg.train.log_interval == 0
-                or done == cfg.train.steps,
-            )
-            if verdict.scaler:
-                log.info(
-                    "step %d/%d | fp16 loss scale overflow: not applied, scale now %s "
-                    "(scaler skips so far: %d; not bad steps)",
-                    done,
-                    cfg.train.steps,
-                    scale,
-                    guard.scaler_skips,
-                )
-            elif verdict.skipped:
-                log.warning(
-                    "step %d/%d | skipped: loss %s, grad_norm %s (not applied)",
-                    done,
-                    cfg.train.steps,
-                    seen,
-                    grad_norm,
-                )
-            if verdict.rollback:
-                step = resume.roll_back(run, verdict.rollback, done)
-                guard.after_rollback()
-                continue
-            evaluate(done)
-            interval = cfg.checkpoint.interval
-            stopping = stop.agreed() and done < cfg.train.steps
-            exiting = done == cfg.train.exit_at_step
-            if (
-                done == cfg.train.steps
-                or stopping
-                or exiting
-                or (interval and done % interval == 0)
-            ):
-                try:
-                    watchdog.progress(done, "checkpoint save")
-                    resume.save(run, done)
-                except checkpoint.CheckpointSaveError as exc:  # on every rank: end the run
-                    log.error("step %d/%d | %s", done, cfg.train.steps, exc)
-                    save_failed = True
-                    break
-            if stopping:
-                log.warning(
-                    "step %d/%d | stopped by signal %s: checkpoint written, exiting for requeue",
-                    done,
-                    cfg.train.steps,
-                    stop.signal or "(another rank's)",
-                )
-                break
-            if exiting:
-                log.info("step %d/%d | train.exit_at_step reached", done, cfg.train.steps)
-                break
-            step = done
+        code = loop.run_from(start_step, stop=stop, comm_wait=comm_wait)
 
         monitor.close()  # the last heartbeat says "exited"
         undo.close()  # collectives unpatched, watchdog stopped
         _shutdown(engine)
-        if save_failed:
-            return EXIT_SAVE_FAILED
-        return EXIT_REQUEUE if stopping else 0
+        return code
 
 
-def _load_pretrained(model: torch.nn.Module, cfg: Config) -> None:
+@dataclass
+class _Phases:
+    """The start-up phases: each one named in the heartbeat, under the watchdog's start-up limit."""
+
+    signals: StartupSignals
+    watchdog: Watchdog
+    aids: TestingAids
+
+    def enter(self, phase: str, step: int = 0) -> None:
+        self.signals.phase = phase
+        self.watchdog.progress(step, phase_label(phase))
+        self.aids.at_phase(phase)
+
+
+def _beat_interval(faults: FaultsConfig) -> float:
+    """Beats finer than the hang limit: a frozen rank is silent for several intervals when
+    its peers' watchdogs fire, so rank 0 can tell it from ranks waiting on it."""
+    return min(faults.heartbeat_interval_s, faults.hang_timeout_s / 8)
+
+
+def _model(
+    cfg: Config,
+    plan: Plan,
+    groups: ProcessGroups,
+    run_dir: Path,
+    device: torch.device,
+    phases: _Phases,
+) -> torch.nn.Module:
+    """This rank's model on ``device``: built, pretrained weights on a fresh run, compiled."""
+    phases.enter("model build")
+    model = build_model(cfg.model.to_args(), plan, groups, seed=cfg.train.seed)
+    if cfg.model.init_from and checkpoint.latest_tag(run_dir) is None:
+        phases.enter("pretrained weights")
+        _load_pretrained(model, cfg.model)
+    model = model.to(device)
+    if cfg.model.compile:
+        compile_model(model)  # each block, not the engine: DeepSpeed's hooks stay eager
+    return model
+
+
+def _resume(run: Run, phases: _Phases, *, rank: int) -> int:
+    """Load the newest complete checkpoint (``run.resume=auto``); the step to go on from.
+
+    Rank 0 then prints the start-up banner, which names where the run resumed.
+    """
+    phases.enter("checkpoint search")
+    cfg = run.cfg
+    tag = checkpoint.find_resumable(run.run_dir, run.layout) if cfg.run.resume == "auto" else None
+    start_step = 0
+    if tag is not None:
+        phases.enter("re-shard" if resume.needs_reshard(run, tag) else "checkpoint load")
+        start_step = resume.restore(run, tag)
+    if rank == 0:
+        resume_point = "fresh start" if tag is None else f"{tag} (step {start_step})"
+        log.info("\n%s", banner(cfg, run.plan, run.run_dir, resume=resume_point))
+    return start_step
+
+
+def _load_pretrained(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
     """Replace the random init by ``model.init_from``'s weights (Hugging Face or Meta)."""
-    assert cfg.model.init_from is not None
-    state = read_pretrained(Path(cfg.model.init_from), cfg.model.to_args())
+    assert model_cfg.init_from is not None
+    state = read_pretrained(Path(model_cfg.init_from), model_cfg.to_args())
     if isinstance(model, LlamaPipeline):
         load_stage_state_dict(model, state)
     else:
         assert isinstance(model, Transformer)
         model.load_full_state_dict(state)
-    log.info("initialised from %s", cfg.model.init_from)
+    log.info("initialised from %s", model_cfg.init_from)
 
 
-def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Module:
-    """The whole model (pp = 1) or this rank's pipeline stage (pp > 1)."""
-    args = cfg.model.to_args()
+def build_model(
+    args: ModelArgs, plan: Plan, groups: ProcessGroups, *, seed: int
+) -> torch.nn.Module:
+    """The whole model (pp = 1) or this rank's pipeline stage (pp > 1), as the plan carves it.
+
+    ``seed``: the initialisation's (``train.seed``); the same weights under every layout.
+    """
     model: LlamaPipeline | Transformer
     if plan.pp > 1:
         model = LlamaPipeline(
@@ -280,7 +224,7 @@ def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Modu
             stage_layers=plan.stage_layers,
             sequence_parallel=plan.sequence_parallel,
             activation_checkpointing=plan.activation_checkpointing,
-            seed=cfg.train.seed,
+            seed=seed,
         )
     else:
         model = Transformer(
@@ -288,7 +232,7 @@ def build_model(cfg: Config, plan: Plan, groups: ProcessGroups) -> torch.nn.Modu
             groups=groups,
             sequence_parallel=plan.sequence_parallel,
             activation_checkpointing=plan.activation_checkpointing,
-            seed=cfg.train.seed,
+            seed=seed,
         )
     return model
 
