@@ -14,14 +14,13 @@ import pytest
 from orchestrator.launch.launcher import child_env
 from orchestrator.runtime.dist_env import (
     DistEnv,
-    _discover_with,
-    _pick_rendezvous,
     read_env,
     scontrol_first_node_addr,
     slurm_port,
     started_by,
     tasks_per_node,
 )
+from orchestrator.runtime.dist_env.mpi import discover_with, pick_rendezvous
 from tests.launch import REPO
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
 
@@ -255,7 +254,7 @@ def test_scontrol_first_node_addr(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(args)
         return outputs[args]
 
-    monkeypatch.setattr("orchestrator.runtime.dist_env._scontrol", fake)
+    monkeypatch.setattr("orchestrator.runtime.dist_env.slurm._scontrol", fake)
     assert scontrol_first_node_addr("n[3-4]") == "10.9.0.3"
     assert calls == list(outputs)
 
@@ -346,7 +345,7 @@ def fake_mpi(rank: int, hosts: list[int], rendezvous: Any) -> SimpleNamespace:
 
 def test_mpi_discovery_two_nodes() -> None:
     hosts = [0, 0, 0, 1, 1, 1]
-    envs = [_discover_with(fake_mpi(r, hosts, ("10.0.0.9", 1234)), {}) for r in range(1, 6)]
+    envs = [discover_with(fake_mpi(r, hosts, ("10.0.0.9", 1234)), {}) for r in range(1, 6)]
     assert [(e.rank, e.local_rank, e.node_rank) for e in envs] == [
         (1, 1, 0),
         (2, 2, 0),
@@ -359,14 +358,14 @@ def test_mpi_discovery_two_nodes() -> None:
 
 
 def test_mpi_rank0_picks_the_rendezvous() -> None:
-    env = _discover_with(fake_mpi(0, [0, 0], ("unused", 1)), {"MASTER_PORT": "2345"})
+    env = discover_with(fake_mpi(0, [0, 0], ("unused", 1)), {"MASTER_PORT": "2345"})
     assert (env.master_addr, env.master_port) == ("127.0.0.1", 2345)
-    assert _pick_rendezvous({"MASTER_ADDR": "h", "MASTER_PORT": "9"}, single_node=False) == (
+    assert pick_rendezvous({"MASTER_ADDR": "h", "MASTER_PORT": "9"}, single_node=False) == (
         "h",
         9,
     )
     try:
-        addr, port = _pick_rendezvous({}, single_node=False)
+        addr, port = pick_rendezvous({}, single_node=False)
     except RuntimeError as err:  # a host with no network at all
         assert "set MASTER_ADDR" in str(err)
     else:
@@ -377,9 +376,9 @@ def test_mpi_rank0_error_reaches_every_rank() -> None:
     # Rank 0 fails to pick the rendezvous; the others get its message instead of hanging.
     mpi = fake_mpi(1, [0, 1], "cannot find a non-loopback address of h; set MASTER_ADDR")
     with pytest.raises(RuntimeError, match="rank 0 found no rendezvous: cannot find"):
-        _discover_with(mpi, {})
+        discover_with(mpi, {})
     with pytest.raises(RuntimeError, match="rank 0 found no rendezvous: MASTER_PORT='x'"):
-        _discover_with(fake_mpi(0, [0, 0], None), {"MASTER_PORT": "x"})
+        discover_with(fake_mpi(0, [0, 0], None), {"MASTER_PORT": "x"})
 
 
 def test_mpi_without_an_mpi_library_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -407,6 +406,48 @@ def test_mpi_discovery_is_injectable() -> None:
     environ = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}
     assert read_env(environ, mpi_discover=discover).rank == 5
     assert seen == [environ]
+
+
+# -- habit 10: nobody else reads these variables ------------------------------------------
+
+LAUNCHER_VARS = {
+    *("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE"),
+    *("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NTASKS", "SLURM_STEP_ID"),
+    *("SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_ARRAY_TASK_ID"),
+    *("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    *("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALRANKID"),
+}
+# Where a launcher variable's name may appear outside dist_env, and why.
+NAMED_ELSEWHERE = {
+    "orchestrator/protocol.py": "torchrun_vars writes them (the local launcher, dist_env's export)",
+}
+
+
+def _launcher_var_names(path: Path) -> set[str]:
+    """The launcher variables ``path`` names as a whole string constant (how code reads one)."""
+    import ast
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in LAUNCHER_VARS
+    }
+
+
+def test_only_dist_env_reads_launcher_variables() -> None:
+    """STYLE habit 10: one reader of RANK, SLURM_PROCID, OMPI_COMM_WORLD_*, PMI_RANK, ..."""
+    readers = {}
+    for package in ("orchestrator", "model_parallel", "launch"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel.startswith("orchestrator/runtime/dist_env/") or rel in NAMED_ELSEWHERE:
+                continue
+            names = _launcher_var_names(path)
+            if names:
+                readers[rel] = sorted(names)
+    assert readers == {}, f"launcher variables read outside dist_env: {readers}"
+    assert _launcher_var_names(REPO / "orchestrator/runtime/dist_env/slurm.py")  # the scan sees
 
 
 # -- the same against a real SLURM (tests/slurm_cluster.py: two emulated nodes) -----------

@@ -1,7 +1,9 @@
 """One rank of a run: from ``python -m orchestrator.runtime.worker`` to its last step.
 
-- ``dist_env``: the only reader of the launcher's environment variables.
-- ``worker``: a rank's entry point; ``train``: the training loop, top to bottom;
+- ``dist_env``: the only reader of the launcher's environment variables (a
+  package: torchrun in its ``__init__``, ``slurm``, ``mpi``, the shared ``values``).
+- ``worker``: a rank's entry point; ``train``: start-up top to bottom, then
+  ``loop``: each step, its verdict, evaluation, checkpoint and stop;
   ``steppers``: one step and one evaluation per engine kind; ``resume``: the
   built ``Run`` and its checkpoint save, restore and roll-back; ``aids``: the
   ``faults.inject_*`` testing aids behind the loop's hooks.
