@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from orchestrator.config.schema import Config
-from orchestrator.planning import cpu_probe, perf
+from orchestrator.planning import cpu_probe, host_cache, perf
 from orchestrator.planning.plan import format_plan, resolve_plan
 from orchestrator.runtime.monitor import banner
 from tests.launch import run_launch
@@ -29,7 +29,7 @@ AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n"
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty probe cache, and a probe that must not run unless a test allows it."""
-    monkeypatch.setenv(cpu_probe.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(host_cache.CACHE_DIR_ENV, str(tmp_path))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
     def refuse(*args: Any) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def seed_cache(
     entries = {cpu_probe.peaks_key(threads): rates}
     if procs is not None:
         entries[cpu_probe.comm_key(procs, threads)] = FAKE_COMM
-    path = cpu_probe.cache_path()
+    path = host_cache.cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(entries))
 
@@ -82,13 +82,13 @@ def test_another_thread_count_host_or_cpu_measures_again(
     cpu_probe.measured_peaks(1)
     assert cpu_probe.measured_peaks(2)[0]["fp32"] == pytest.approx(0.2)
     assert calls == [1, 2]
-    other_host = cpu_probe.cache_path(host="other-node")
+    other_host = host_cache.cache_path(host="other-node")
     cpu_probe.measured_peaks(1, path=other_host)
     assert calls == [1, 2, 1] and other_host.exists()
     monkeypatch.setattr(cpu_probe, "cpu_model", lambda: "Intel Xeon Platinum 8488C")
     cpu_probe.measured_peaks(1)
     assert calls == [1, 2, 1, 1]
-    assert len(json.loads(cpu_probe.cache_path().read_text())) == 3
+    assert len(json.loads(host_cache.cache_path().read_text())) == 3
 
 
 def test_a_configured_peak_wins(cache_dir: Path) -> None:
@@ -115,7 +115,7 @@ def test_ranks_share_the_cores(cache_dir: Path, monkeypatch: pytest.MonkeyPatch)
     assert cluster.peak_for("fp32", ranks_per_node=4) == pytest.approx(0.14 * 0.5)
     source = cluster.peak_source("fp32", ranks_per_node=4)[1]
     assert "4 ranks x 1 thread on 2 cores, each 0.5 of its threads' time" in source
-    assert str(cpu_probe.cache_path()) in source
+    assert str(host_cache.cache_path()) in source
 
 
 def test_a_gpu_cluster_states_its_peak() -> None:
@@ -232,7 +232,7 @@ def test_plan_within_factor_of_a_short_default_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The README's default run (tiny, tp2pp2, 4 ranks), 12 steps; the probe measures afresh."""
-    monkeypatch.setenv(cpu_probe.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(host_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     overrides = ("train.steps=12", "train.log_interval=4", "train.eval_interval=0")
     run_launch(*overrides, f"run.dir={run_dir}", timeout=200)

@@ -18,12 +18,8 @@ import zstandard
 from orchestrator.data import preprocess_many as many
 from orchestrator.data.indexed import IndexedDataset, shard_paths
 from orchestrator.data.preprocess import preprocess
-from orchestrator.data.preprocess_many import (
-    plan_shards,
-    preprocess_many,
-    render_array_script,
-    shard_names,
-)
+from orchestrator.data.preprocess_many import preprocess_many, render_array_script
+from orchestrator.data.shard_plan import plan_shards, shard_names
 from orchestrator.runtime.dist_env import array_task
 from tests.test_preprocess import MALFORMED_LINES, decoded_documents, write_malformed
 from tests.test_tokenizer import make_documents, train_small_tokenizer, write_jsonl

@@ -9,7 +9,8 @@
   ``memory`` (model state and activations per device, as DeepSpeed and autograd hold them).
 - ``plan_view``: what the cost models read of a plan (a ``Protocol``).
 - ``flops``: training FLOPs per token and MFU.
-- ``cpu_costs``, ``cpu_probe``: what a CPU host measures for the time model;
+- ``cpu_costs``, ``cpu_probe``: what a CPU host measures for the time model,
+  kept per host by ``host_cache``;
   ``cpu_allocator``: the malloc CPU ranks run under (tcmalloc, found and checked
   before launch, preloaded by the worker).
 """

@@ -19,8 +19,8 @@ A CPU cluster (``cluster.gpus_per_node == 0``) whose config leaves
   all-reduce; the median of three rounds.
 
 Both are cached per host in ``cpu_peaks_<hostname>.json`` under
-``$LLAMA_ORCHESTRATOR_CACHE_DIR`` (default ``~/.cache/llama-orchestrator``),
-keyed by the probe's version, the CPU model, the torch version and the
+``$LLAMA_ORCHESTRATOR_CACHE_DIR`` (default ``~/.cache/llama-orchestrator``;
+``orchestrator.planning.host_cache``), keyed by the probe's version, the CPU model, the torch version and the
 thread (and process) count: a cache hit measures nothing, another key
 measures again. Ranks that miss at once take a file lock; one measures, the
 rest read its answer. A probe that ran while other processes loaded the
@@ -35,7 +35,6 @@ rank's compute rate is the probe's at its thread count x cores / (ranks x thread
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -43,15 +42,14 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CACHE_DIR_ENV = "LLAMA_ORCHESTRATOR_CACHE_DIR"
+from orchestrator.planning.host_cache import cache_path, cached
+
 PROBE_VERSION = 2  # part of every cache key: a changed probe measures again
 PRECISIONS = ("fp32", "bf16")
 PROBE_SECONDS = 1.0  # per precision
@@ -148,12 +146,6 @@ def native_bf16(cpuinfo: str | None = None) -> bool | None:
     if not words:
         return None
     return any(flag in words for flag in NATIVE_BF16_FLAGS)
-
-
-def cache_path(*, host: str | None = None) -> Path:
-    """This host's cache file."""
-    base = os.environ.get(CACHE_DIR_ENV) or str(Path.home() / ".cache" / "llama-orchestrator")
-    return Path(base) / f"cpu_peaks_{host or socket.gethostname()}.json"
 
 
 def _torch_version() -> str:
@@ -357,45 +349,6 @@ def _gloo_rank(rank: int, world: int, port: int, threads: int) -> dict[str, floa
         "p2p_s": max(typical["p2p_s"], 1e-6),
         "bandwidth_gbs": bandwidth,
     }
-
-
-def cached(path: Path, key: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``path``'s entry for ``key``; on a miss ``measure()`` under a file lock, stored."""
-    entry = _read(path).get(key)
-    if entry is not None:
-        return dict(entry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.with_name(path.name + ".lock")):
-        entries = _read(path)  # another process may have measured while we waited
-        if key not in entries:
-            entries[key] = measure()
-            _write(path, entries)
-        return dict(entries[key])
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write(path: Path, entries: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def bf16_warning(peaks: dict[str, float], *, cpuinfo: str | None = None) -> str | None:
