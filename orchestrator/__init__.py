@@ -18,6 +18,10 @@ Subpackages, named for where they run:
 - ``protocol`` (a module, both sides): what the launchers and the ranks agree
   on: exit codes, stop signals, start-up phases, the console pipe, reading
   heartbeats. A leaf: it imports nothing of ours, nor torch.
+- ``slurm`` and ``worker`` (modules): ``python -m`` names of job scripts
+  rendered before the regrouping, forwarding to ``launch.slurm`` and
+  ``runtime.worker``; SLURM requeues a job with the script it was submitted
+  with, so a queued job still runs these names.
 
 Login-node code (``config``, ``planning``, ``launch``, ``status``) does not
 import ``runtime`` at module level (the command line imports it inside the

@@ -114,13 +114,31 @@ def test_job_on_two_nodes_trains_like_the_local_launcher(
     assert f"slurm job {job}: COMPLETED" in status.stdout, status.stdout
 
 
+def _as_rendered_before_the_regrouping(job_sh: Path) -> None:
+    """Name the modules in ``job_sh`` as a job rendered before 2026-12-03 does."""
+    text = job_sh.read_text()
+    old = text.replace("-m orchestrator.launch.slurm prepare", "-m orchestrator.slurm prepare")
+    old = old.replace("-m orchestrator.runtime.worker ", "-m orchestrator.worker ")
+    assert old.count("-m orchestrator.slurm prepare") == 1, text
+    assert old.count("-m orchestrator.worker ") == 1, text
+    assert "orchestrator.launch" not in old and "orchestrator.runtime" not in old
+    job_sh.write_text(old)
+
+
+@pytest.mark.parametrize("names", ["current", "before the regrouping"])
 def test_usr1_checkpoints_requeues_and_finishes(
     slurm_cluster: SlurmCluster,  # noqa: F811
     reference: list[dict[str, float]],
     tmp_path: Path,
+    names: str,
 ) -> None:
+    """Also for a job that names the modules as they were before 2026-12-03: SLURM
+    requeues a job with the script it was submitted with, whatever job.sh says now."""
     run_dir = tmp_path / "run"
-    job = slurm_cluster.submit(_render(run_dir, f"train.steps={STEPS}"), cwd=REPO)
+    job_sh = _render(run_dir, f"train.steps={STEPS}")
+    if names != "current":
+        _as_rendered_before_the_regrouping(job_sh)
+    job = slurm_cluster.submit(job_sh, cwd=REPO)
     _wait_for_step(run_dir, 2)
     # What --signal=USR1@grace sends before the time limit: USR1 to the job's steps.
     slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
